@@ -1,0 +1,1 @@
+"""Herald's real-time core: registry, channels, transports, broker and auth."""

@@ -1,0 +1,156 @@
+"""MemoryBroker: the embedded default, for one process. See :class:`hub.broker.base.Broker`."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import secrets
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from ..protocol import Publication, StreamPosition
+from .base import Broker, BrokerHandler, HistoryResult, PublishRequest, RateLimitResult
+
+if TYPE_CHECKING:
+    from . import BrokerConfig
+
+
+@dataclass(slots=True)
+class _ChannelStream:
+    epoch: str
+    offset: int = 0
+    entries: deque[tuple[float, Publication]] = field(default_factory=deque)
+
+
+class MemoryBroker:
+    """Everything in this process: history in bounded deques, fan-out by direct call."""
+
+    def __init__(self, config: BrokerConfig) -> None:
+        self._config = config
+        self._handler: BrokerHandler | None = None
+        self._streams: dict[str, _ChannelStream] = {}
+        self._subscribed: set[str] = set()
+        self._not_before: dict[str, tuple[float, float]] = {}
+        self._buckets: dict[str, float] = {}  # GCRA theoretical arrival times
+        self._closed = False
+
+    @property
+    def connected(self) -> bool:
+        return self._handler is not None and not self._closed
+
+    async def start(self, handler: BrokerHandler) -> None:
+        self._handler = handler
+        self._closed = False
+
+    async def aclose(self) -> None:
+        self._closed = True
+        self._subscribed.clear()
+
+    async def subscribe(self, channels: Sequence[str]) -> None:
+        self._subscribed.update(channels)
+
+    async def unsubscribe(self, channels: Sequence[str]) -> None:
+        self._subscribed.difference_update(channels)
+
+    def _stream(self, channel: str) -> _ChannelStream:
+        stream = self._streams.get(channel)
+        if stream is None:
+            stream = self._streams[channel] = _ChannelStream(epoch=secrets.token_hex(4))
+        return stream
+
+    def _trim(self, stream: _ChannelStream, now: float) -> None:
+        entries = stream.entries
+        while len(entries) > self._config.history_size:
+            entries.popleft()
+        horizon = now - self._config.history_ttl
+        while entries and entries[0][0] < horizon:
+            entries.popleft()
+
+    def _publish_now(self, channel: str, event: str, data: bytes) -> Publication:
+        now = time.time()
+        stream = self._stream(channel)
+        stream.offset += 1
+        pub = Publication(channel, stream.offset, stream.epoch, event, data, int(now * 1000))
+        if self._config.history_size > 0:
+            stream.entries.append((now, pub))
+            self._trim(stream, now)
+        if channel in self._subscribed and self._handler is not None and not self._closed:
+            self._handler.on_publication(pub)
+        return pub
+
+    async def publish(self, channel: str, event: str, data: bytes) -> Publication:
+        return self._publish_now(channel, event, data)
+
+    async def publish_batch(self, requests: Sequence[PublishRequest]) -> list[Publication]:
+        return [self._publish_now(r.channel, r.event, r.data) for r in requests]
+
+    async def history(
+        self, channel: str, *, since: StreamPosition | None = None, limit: int | None = None
+    ) -> HistoryResult:
+        stream = self._stream(channel)
+        self._trim(stream, time.time())
+        top = StreamPosition(stream.offset, stream.epoch)
+        retained = [pub for _, pub in stream.entries]
+        if since is not None:
+            first_retained = retained[0].offset if retained else stream.offset + 1
+            if (
+                since.epoch != stream.epoch
+                or since.offset > stream.offset
+                or since.offset + 1 < first_retained
+            ):
+                return HistoryResult([], top, recovered=False)
+            retained = [pub for pub in retained if pub.offset > since.offset]
+        if limit is not None:
+            retained = retained[: max(limit, 0)]
+        return HistoryResult(retained, top, recovered=True)
+
+    async def position(self, channel: str) -> StreamPosition:
+        stream = self._stream(channel)
+        return StreamPosition(stream.offset, stream.epoch)
+
+    async def send_control(self, command: dict[str, Any]) -> None:
+        # Round-trip through JSON so both backends hand the same shapes to the handler.
+        decoded = orjson.loads(orjson.dumps(command))
+        if self._handler is not None and not self._closed:
+            self._handler.on_control(decoded)
+
+    async def check_delivery(self, timeout: float) -> bool:
+        await asyncio.sleep(0)
+        return self.connected
+
+    async def set_user_not_before(self, user_id: str, timestamp: float, ttl: int) -> None:
+        self._not_before[user_id] = (timestamp, time.monotonic() + ttl)
+
+    async def get_user_not_before(self, user_id: str) -> float | None:
+        entry = self._not_before.get(user_id)
+        if entry is None:
+            return None
+        if entry[1] < time.monotonic():
+            del self._not_before[user_id]
+            return None
+        return entry[0]
+
+    async def rate_limit(self, key: str, *, rate: float, burst: int) -> RateLimitResult:
+        now = time.monotonic()
+        interval = 1.0 / rate
+        tolerance = interval * (burst - 1)
+        tat = max(self._buckets.get(key, now), now)
+        allow_at = tat - tolerance
+        if now < allow_at:
+            retry_after = allow_at - now
+            return RateLimitResult(False, burst, 0, retry_after, tat - now)
+        new_tat = tat + interval
+        self._buckets[key] = new_tat
+        if len(self._buckets) > 100_000:  # drop buckets that are full again
+            for stale in [k for k, v in self._buckets.items() if v <= now]:
+                del self._buckets[stale]
+        remaining = max(0, math.floor((tolerance - (new_tat - now)) / interval) + 1)
+        return RateLimitResult(True, burst, remaining, 0.0, new_tat - now)
+
+
+_conforms: type[Broker] = MemoryBroker

@@ -1,0 +1,184 @@
+"""One settings object for the whole product, read from ``HERALD_*`` variables and ``.env``.
+
+Secure defaults: production refuses to start without a secret, and the embedded
+memory broker refuses several workers (each would be an island).
+"""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+MIN_SECRET_LENGTH = 32
+DEV_SECRET_FILE = "dev-secret"
+
+
+class SettingsError(ValueError):
+    """Settings that cannot run; the message names the offending ``HERALD_`` variable."""
+
+
+def _split_csv(value: object) -> object:
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """Every knob of the hub and the API. Field ``x`` is read from ``HERALD_X``."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="HERALD_",
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        validate_default=True,
+    )
+
+    env: Literal["development", "production"] = "development"
+    secret_key: SecretStr | None = None
+    data_dir: Path = Path(".herald")
+    redis_url: str | None = None
+    redis_prefix: str = Field(default="herald", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    database_url: str | None = None
+    service_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+    allowed_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    workers: int = Field(default=1, ge=1, le=64)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_json: bool | None = None
+
+    jwt_audience: str = "herald"
+    jwt_issuer: str = "herald"
+    access_token_ttl: int = Field(default=900, ge=10, le=86_400)
+    refresh_token_ttl: int = Field(default=14 * 86_400, ge=60)
+    subscribe_token_ttl: int = Field(default=60, ge=5, le=3600)
+    max_token_ttl: int = Field(default=86_400, ge=10)
+
+    outbox_max_messages: int = Field(default=1024, ge=8)
+    outbox_max_bytes: int = Field(default=4 * 1024 * 1024, ge=4096)
+    max_message_bytes: int = Field(default=64 * 1024, ge=256, le=16 * 1024 * 1024)
+    max_channels_per_connection: int = Field(default=128, ge=1)
+    max_connections_per_user: int = Field(default=32, ge=1)
+    max_batch_messages: int = Field(default=1000, ge=1)
+    heartbeat_interval: float = Field(default=25.0, gt=0, le=300)
+    heartbeat_timeout: float = Field(default=10.0, gt=0, le=300)
+    auth_timeout: float = Field(default=10.0, gt=0, le=120)
+    sse_retry_ms: int = Field(default=2000, ge=100)
+    send_timeout: float = Field(default=10.0, gt=0)
+    shutdown_grace: float = Field(default=5.0, ge=0)
+    publish_rate_per_second: float = Field(default=1000.0, gt=0)
+    publish_rate_burst: int = Field(default=2000, ge=1)
+
+    history_size: int = Field(default=1000, ge=0)
+    history_ttl: int = Field(default=24 * 3600, ge=1)
+    presence_ttl: int = Field(default=60, ge=5)
+
+    @field_validator("service_keys", "allowed_origins", mode="before")
+    @classmethod
+    def _csv(cls, value: object) -> object:
+        return _split_csv(value)
+
+    @field_validator("service_keys")
+    @classmethod
+    def _service_keys_long_enough(cls, keys: list[SecretStr]) -> list[SecretStr]:
+        for key in keys:
+            if len(key.get_secret_value()) < 16:
+                raise ValueError("each service key must be at least 16 characters")
+        return keys
+
+    @field_validator("secret_key")
+    @classmethod
+    def _secret_long_enough(cls, key: SecretStr | None) -> SecretStr | None:
+        if key is not None and len(key.get_secret_value()) < MIN_SECRET_LENGTH:
+            raise ValueError(f"must be at least {MIN_SECRET_LENGTH} characters")
+        return key
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, url: str | None) -> str | None:
+        if url is not None and not url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return url or None
+
+    @model_validator(mode="after")
+    def _check_combination(self) -> Settings:
+        if self.env == "production" and self.secret_key is None:
+            raise ValueError(
+                "HERALD_SECRET_KEY is required when HERALD_ENV=production "
+                f"(at least {MIN_SECRET_LENGTH} random characters; "
+                "for example: python -c 'import secrets; print(secrets.token_urlsafe(48))')"
+            )
+        if self.workers > 1 and self.redis_url is None:
+            raise ValueError(
+                "HERALD_WORKERS > 1 needs HERALD_REDIS_URL: with the in-memory broker every "
+                "worker would be an island and messages would not reach other workers' subscribers"
+            )
+        return self
+
+    # -- derived values -------------------------------------------------------------------
+
+    @property
+    def broker_url(self) -> str:
+        return self.redis_url or "memory://"
+
+    @property
+    def effective_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite+aiosqlite:///{(self.data_dir / 'herald.db').as_posix()}"
+
+    @property
+    def json_logs(self) -> bool:
+        return self.log_json if self.log_json is not None else self.env == "production"
+
+    @property
+    def max_frame_bytes(self) -> int:
+        """Largest client frame accepted: a message plus room for its envelope."""
+        return self.max_message_bytes + 4096
+
+    def signing_key(self) -> str:
+        """The JWT signing secret.
+
+        In development without ``HERALD_SECRET_KEY`` a random secret is created once in
+        the data directory, so ``herald serve`` and ``herald token`` agree with no setup.
+        """
+        if self.secret_key is not None:
+            return self.secret_key.get_secret_value()
+        if self.env == "production":  # unreachable: validation refuses it
+            raise SettingsError("HERALD_SECRET_KEY is required in production")
+        path = self.data_dir / DEV_SECRET_FILE
+        try:
+            return path.read_text().strip()
+        except FileNotFoundError:
+            pass
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        secret = secrets.token_urlsafe(48)
+        try:
+            with path.open("x") as handle:
+                path.chmod(0o600)
+                handle.write(secret)
+            return secret
+        except FileExistsError:  # another worker won the race
+            return path.read_text().strip()
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Build settings, turning pydantic's report into one message naming each variable."""
+    from pydantic import ValidationError
+
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        lines = []
+        for error in exc.errors():
+            field = ".".join(str(part) for part in error["loc"])
+            name = f"HERALD_{field.upper()}" if field else "settings"
+            message = error["msg"].removeprefix("Value error, ")
+            lines.append(f"{name}: {message}")
+        raise SettingsError("invalid settings:\n  " + "\n  ".join(lines)) from None
