@@ -143,9 +143,7 @@ class TokenService:
             raise HubError(errors.UNAUTHORIZED, "token is malformed") from None
         actual_type = claims.get("typ", "access")
         if actual_type != token_type:
-            raise HubError(
-                errors.UNAUTHORIZED, f"a {actual_type} token cannot be used here"
-            )
+            raise HubError(errors.UNAUTHORIZED, f"a {actual_type} token cannot be used here")
         return claims
 
     def principal_from_claims(self, claims: dict[str, object]) -> Principal:
@@ -153,11 +151,9 @@ class TokenService:
         if not isinstance(role, str) or role not in ROLES:
             raise HubError(errors.UNAUTHORIZED, "token has an unknown role")
         raw_channels = claims.get("channels", [])
-        if not isinstance(raw_channels, list) or not all(
-            isinstance(c, str) for c in raw_channels
-        ):
+        if not isinstance(raw_channels, list) or not all(isinstance(c, str) for c in raw_channels):
             raise HubError(errors.UNAUTHORIZED, "token 'channels' claim must be a list of strings")
-        exp = claims.get("exp")
+        exp = claims.get("session_exp", claims.get("exp"))
         iat = claims.get("iat")
         jti = claims.get("jti")
         return Principal(

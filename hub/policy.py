@@ -69,9 +69,7 @@ class DefaultChannelPolicy:
     def can_subscribe(self, principal: Principal, channel: str) -> bool:
         kind, _, name = channel.partition(":")
         if kind == "user" and name:
-            return principal.is_admin or (
-                principal.kind == "user" and name == principal.subject
-            )
+            return principal.is_admin or (principal.kind == "user" and name == principal.subject)
         if channel == "users":
             return principal.is_admin
         if kind == "public" and name:

@@ -74,6 +74,7 @@ class EncodedMessage:
 
     publication: Publication
     envelope: bytes
+    text: str  # the same envelope as str, for ASGI text frames (decoded once, shared)
 
 
 def encode_message(pub: Publication) -> EncodedMessage:
@@ -94,7 +95,7 @@ def encode_message(pub: Publication) -> EncodedMessage:
             b"}",
         )
     )
-    return EncodedMessage(pub, envelope)
+    return EncodedMessage(pub, envelope, envelope.decode())
 
 
 def encode_data(data: Any) -> bytes:
@@ -161,7 +162,13 @@ class PongFrame:
 
 
 ClientFrame = (
-    AuthFrame | RefreshFrame | SubscribeFrame | UnsubscribeFrame | PublishFrame | PingFrame | PongFrame
+    AuthFrame
+    | RefreshFrame
+    | SubscribeFrame
+    | UnsubscribeFrame
+    | PublishFrame
+    | PingFrame
+    | PongFrame
 )
 OPS = ("auth", "refresh", "subscribe", "unsubscribe", "publish", "ping", "pong")
 
@@ -239,6 +246,11 @@ def decode_client_frame(obj: dict[str, Any], *, max_message_bytes: int) -> Clien
 
 def encode_ack(request_id: int | None, **fields: Any) -> bytes:
     return orjson.dumps({"op": "ack", "id": request_id, **fields})
+
+
+def encode_welcome(request_id: int | None, **fields: Any) -> bytes:
+    """First frame after a successful auth: ``{"op":"connected","id":<auth id>,...}``."""
+    return orjson.dumps({"op": "connected", "id": request_id, **fields})
 
 
 def encode_error(request_id: int | None, error: HubError) -> bytes:

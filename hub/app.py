@@ -1,0 +1,129 @@
+"""create_app(settings) -> the ASGI app. Everything is built in the lifespan, nothing at import.
+
+Lifespan: broker connect -> hub start -> extensions (the users API) -> serve ->
+extensions exit -> hub drain (``bye``) -> broker close. ``herald serve`` calls the
+drain *before* uvicorn closes connections (see :mod:`hub.server`), so clients get
+``bye`` with ``reconnect: true`` instead of a bare close.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AbstractAsyncContextManager
+from typing import Any, Protocol
+
+from fastapi import FastAPI
+from starlette.routing import Route, WebSocketRoute
+from starlette.types import Receive, Scope, Send
+
+from .auth import Authenticator, TokenService
+from .broker import BrokerConfig, create_broker
+from .http import router as hub_router
+from .http_errors import install_error_handlers
+from .hub import Hub
+from .metrics import Metrics
+from .middleware import RequestIdMiddleware
+from .policy import ChannelPolicy, DefaultChannelPolicy
+from .settings import Settings, load_settings
+from .transports.sse import sse_endpoint
+from .transports.websocket import websocket_endpoint
+
+logger = logging.getLogger("herald")
+
+DRAIN_STATE_KEY = "herald.drain"
+
+
+class Extension(Protocol):
+    """A part of the product mounted into the hub app (the users API is one)."""
+
+    def install(self, app: FastAPI) -> None:
+        """Add routers and exception handlers; called once inside :func:`create_app`."""
+
+    def lifespan(self, app: FastAPI) -> AbstractAsyncContextManager[None]:
+        """Entered after the hub started; exited before the hub drains."""
+
+
+def _hub_of(scope: Scope) -> Hub:
+    hub: Hub = scope["app"].state.hub
+    return hub
+
+
+class _WebSocketApp:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await websocket_endpoint(_hub_of(scope), scope, receive, send)
+
+
+class _SSEApp:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await sse_endpoint(_hub_of(scope), scope, receive, send)
+
+
+def build_hub(settings: Settings, *, policy: ChannelPolicy | None = None) -> Hub:
+    broker = create_broker(
+        BrokerConfig(
+            url=settings.broker_url,
+            prefix=settings.redis_prefix,
+            history_size=settings.history_size,
+            history_ttl=settings.history_ttl,
+        )
+    )
+    tokens = TokenService(
+        settings.signing_key(),
+        audience=settings.jwt_audience,
+        issuer=settings.jwt_issuer,
+        access_ttl=settings.access_token_ttl,
+        subscribe_ttl=settings.subscribe_token_ttl,
+        max_ttl=settings.max_token_ttl,
+    )
+    authenticator = Authenticator(
+        tokens,
+        static_service_keys=[key.get_secret_value() for key in settings.service_keys],
+        revocation=broker.get_user_not_before,
+    )
+    return Hub(settings, broker, authenticator, policy or DefaultChannelPolicy(), Metrics())
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    extensions: Sequence[Extension] = (),
+    policy: ChannelPolicy | None = None,
+) -> FastAPI:
+    """The hub as an ASGI app. ``settings`` default to the environment (``HERALD_*``)."""
+    settings = settings or load_settings()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
+        hub = build_hub(settings, policy=policy)
+        app.state.hub = hub
+        await hub.start()
+        logger.info("hub started (broker %s)", "redis" if settings.redis_url else "memory")
+        try:
+            async with contextlib.AsyncExitStack() as stack:
+                for extension in extensions:
+                    await stack.enter_async_context(extension.lifespan(app))
+                yield {DRAIN_STATE_KEY: hub.drain}
+        finally:
+            await hub.aclose()
+            logger.info("hub stopped")
+
+    app = FastAPI(
+        title="Herald",
+        version="1.0.0",
+        summary="Real-time notification hub: WebSocket and SSE fan-out over Redis",
+        lifespan=lifespan,
+        routes=[
+            WebSocketRoute("/ws", _WebSocketApp()),
+            Route("/sse", _SSEApp(), methods=["GET"]),
+        ],
+    )
+    app.state.settings = settings
+    app.state.readiness_checks = {}
+    app.add_middleware(RequestIdMiddleware)
+    install_error_handlers(app)
+    app.include_router(hub_router)
+    for extension in extensions:
+        extension.install(app)
+    return app

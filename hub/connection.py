@@ -1,0 +1,210 @@
+"""Connection: one subscriber's bounded outbox, drained by exactly one writer.
+
+The fan-out path only calls :meth:`Connection.enqueue_message`, which never awaits:
+it appends to a deque and sets an event. When the outbox passes its count or byte
+limit the connection is closed with ``slow_consumer`` and its outbox dropped, so a
+slow client costs the others nothing (``docs/architecture.md``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections import deque
+from collections.abc import Callable
+from typing import Literal
+
+from . import errors
+from .auth import Principal
+from .errors import Disconnect
+from .protocol import EncodedMessage, Publication, StreamPosition
+
+Outbound = EncodedMessage | bytes
+TransportKind = Literal["websocket", "sse"]
+
+_ids = itertools.count(1)
+
+
+class Connection:
+    """State of one live WebSocket or SSE connection on this worker."""
+
+    __slots__ = (
+        "__weakref__",
+        "_bytes",
+        "_closed_event",
+        "_expiry_timer",
+        "_on_overflow",
+        "_outbox",
+        "_recovering",
+        "_wakeup",
+        "channels",
+        "closed",
+        "id",
+        "max_bytes",
+        "max_messages",
+        "positions",
+        "principal",
+        "transport",
+    )
+
+    def __init__(
+        self,
+        principal: Principal,
+        transport: TransportKind,
+        *,
+        max_messages: int,
+        max_bytes: int,
+        on_overflow: Callable[[Connection], None] | None = None,
+    ) -> None:
+        self.id = next(_ids)
+        self.principal = principal
+        self.transport: TransportKind = transport
+        self.max_messages = max_messages
+        self.max_bytes = max_bytes
+        self.channels: set[str] = set()
+        # Last position written per channel (kept for SSE cursors and resume).
+        self.positions: dict[str, StreamPosition] = {}
+        self.closed: Disconnect | None = None
+        self._outbox: deque[Outbound] = deque()
+        self._bytes = 0
+        self._wakeup = asyncio.Event()
+        self._closed_event = asyncio.Event()
+        self._recovering: dict[str, list[EncodedMessage]] = {}
+        self._expiry_timer: asyncio.TimerHandle | None = None
+        self._on_overflow = on_overflow
+
+    def __repr__(self) -> str:
+        return f"<Connection {self.id} {self.transport} sub={self.principal.subject!r}>"
+
+    @property
+    def user_id(self) -> str | None:
+        return self.principal.subject if self.principal.kind == "user" else None
+
+    @property
+    def outbox_size(self) -> int:
+        return len(self._outbox)
+
+    # -- fan-out side (never awaits) ---------------------------------------------------------
+
+    def enqueue_message(self, message: EncodedMessage) -> None:
+        if self.closed is not None:
+            return
+        pending = self._recovering.get(message.publication.channel)
+        if pending is not None:
+            pending.append(message)
+            return
+        self._push(message, len(message.envelope))
+
+    def enqueue_control(self, frame: bytes) -> None:
+        if self.closed is None:
+            self._push(frame, len(frame))
+
+    def _push(self, item: Outbound, size: int) -> None:
+        outbox = self._outbox
+        outbox.append(item)
+        self._bytes += size
+        if len(outbox) > self.max_messages or self._bytes > self.max_bytes:
+            self._overflow()
+            return
+        self._wakeup.set()
+
+    def _overflow(self) -> None:
+        self.close(errors.SLOW_CONSUMER)
+        if self._on_overflow is not None:
+            self._on_overflow(self)
+
+    def close(self, disconnect: Disconnect) -> None:
+        """Mark the connection closed; the writer sends the goodbye and stops."""
+        if self.closed is not None:
+            return
+        self.closed = disconnect
+        self._outbox.clear()
+        self._bytes = 0
+        self._recovering.clear()
+        self.cancel_expiry()
+        self._wakeup.set()
+        self._closed_event.set()
+
+    async def wait_closed(self) -> None:
+        await self._closed_event.wait()
+
+    # -- recovery: buffer live messages of a channel while its history is read -----------
+
+    def begin_recovery(self, channel: str) -> None:
+        self._recovering[channel] = []
+
+    def finish_recovery(
+        self,
+        channel: str,
+        replay: list[Publication],
+        after: StreamPosition | None,
+        head: bytes | None = None,
+    ) -> StreamPosition | None:
+        """Queue ``head`` (the subscribe reply), then ``replay``, then the live messages
+        buffered meanwhile, skipping any offset at or below what was already queued (no
+        gap, no duplicate). Returns the position of the last queued message, or
+        ``after`` if none."""
+        from .protocol import encode_message
+
+        buffered = self._recovering.pop(channel, [])
+        if self.closed is not None:
+            return after
+        if head is not None:
+            self._outbox.append(head)
+            self._bytes += len(head)
+        last = after
+        # Replay may exceed the live limits (history is bounded on its own); the writer
+        # drains it in large batches.
+        for pub in replay:
+            self._outbox.append(encode_message(pub))
+            last = pub.position
+        self._wakeup.set()
+        for message in buffered:
+            pub = message.publication
+            if last is not None and pub.epoch == last.epoch and pub.offset <= last.offset:
+                continue
+            self._push(message, len(message.envelope))
+            last = pub.position
+        return last
+
+    def abort_recovery(self, channel: str) -> None:
+        self._recovering.pop(channel, None)
+
+    # -- token expiry -----------------------------------------------------------------------
+
+    def schedule_expiry(self, expires_at: float | None, now: float) -> None:
+        """Close with ``token_expired`` at ``expires_at`` (epoch seconds) unless refreshed."""
+        self.cancel_expiry()
+        if expires_at is None:
+            return
+        loop = asyncio.get_running_loop()
+        self._expiry_timer = loop.call_later(
+            max(0.0, expires_at - now), self.close, errors.TOKEN_EXPIRED_DISCONNECT
+        )
+
+    def cancel_expiry(self) -> None:
+        if self._expiry_timer is not None:
+            self._expiry_timer.cancel()
+            self._expiry_timer = None
+
+    # -- writer side ------------------------------------------------------------------------
+
+    async def next_batch(self, timeout: float) -> list[Outbound] | None:
+        """Everything queued, in one list (the writer sends it in one write).
+
+        Returns ``[]`` after ``timeout`` seconds with nothing queued (time for a
+        heartbeat) and ``None`` once the connection is closed.
+        """
+        if not self._outbox and self.closed is None:
+            self._wakeup.clear()
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._wakeup.wait()
+            except TimeoutError:
+                return [] if self.closed is None else None
+        if self.closed is not None:
+            return None
+        batch = list(self._outbox)
+        self._outbox.clear()
+        self._bytes = 0
+        return batch

@@ -1,0 +1,87 @@
+"""Prometheus metrics, safe with several worker processes.
+
+``herald serve`` points ``PROMETHEUS_MULTIPROC_DIR`` at a fresh directory before the
+workers start; every worker then writes its samples there and ``/metrics`` on any
+worker reports the sum. Metric objects live on a per-app registry (no import-time
+globals), so tests can build many apps in one process.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    generate_latest,
+    multiprocess,
+)
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def multiprocess_enabled() -> bool:
+    return bool(os.environ.get(MULTIPROC_ENV))
+
+
+class Metrics:
+    """The hub's counters and gauges."""
+
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        reg = self.registry
+        self.connections = Gauge(
+            "herald_connections",
+            "Live connections",
+            ["transport"],
+            registry=reg,
+            multiprocess_mode="livesum",
+        )
+        self.subscriptions = Gauge(
+            "herald_subscriptions",
+            "Live channel subscriptions",
+            registry=reg,
+            multiprocess_mode="livesum",
+        )
+        self.published = Counter("herald_messages_published", "Messages published", registry=reg)
+        self.delivered = Counter(
+            "herald_messages_delivered",
+            "Messages written to subscriber connections",
+            ["transport"],
+            registry=reg,
+        )
+        self.outbox_drops = Counter(
+            "herald_outbox_dropped_messages",
+            "Messages dropped because a subscriber's outbox overflowed",
+            registry=reg,
+        )
+        self.slow_consumers = Counter(
+            "herald_slow_consumer_disconnects",
+            "Connections closed because they did not read fast enough",
+            registry=reg,
+        )
+        self.disconnects = Counter(
+            "herald_disconnects", "Connections closed by the server", ["reason"], registry=reg
+        )
+        self.broker_reconnects = Counter(
+            "herald_broker_reconnects", "Times the broker connection was restored", registry=reg
+        )
+        self.errors = Counter(
+            "herald_request_errors", "Error replies sent to clients", ["code"], registry=reg
+        )
+
+    def render(self) -> bytes:
+        if multiprocess_enabled():
+            collect = CollectorRegistry()
+            multiprocess.MultiProcessCollector(collect)  # type: ignore[no-untyped-call]
+            return generate_latest(collect)
+        return generate_latest(self.registry)
+
+    @staticmethod
+    def mark_process_dead(pid: int) -> None:
+        if multiprocess_enabled():
+            multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]

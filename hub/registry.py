@@ -1,0 +1,95 @@
+"""Registry: this worker's connections by channel and by user.
+
+Only local state lives here; anything shared between workers goes through the broker.
+Fan-out encodes each publication once and hands the same bytes to every subscriber.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from .connection import Connection
+from .protocol import Publication, encode_message
+
+
+class Registry:
+    def __init__(self) -> None:
+        self.connections: set[Connection] = set()
+        self._by_channel: dict[str, dict[Connection, None]] = {}
+        self._by_user: dict[str, set[Connection]] = {}
+
+    def __len__(self) -> int:
+        return len(self.connections)
+
+    @property
+    def channel_count(self) -> int:
+        return len(self._by_channel)
+
+    @property
+    def subscription_count(self) -> int:
+        return sum(len(subs) for subs in self._by_channel.values())
+
+    def add(self, conn: Connection) -> None:
+        self.connections.add(conn)
+        user = conn.user_id
+        if user is not None:
+            self._by_user.setdefault(user, set()).add(conn)
+
+    def remove(self, conn: Connection) -> list[str]:
+        """Forget ``conn``; returns the channels that have no local subscriber left."""
+        self.connections.discard(conn)
+        user = conn.user_id
+        if user is not None:
+            conns = self._by_user.get(user)
+            if conns is not None:
+                conns.discard(conn)
+                if not conns:
+                    del self._by_user[user]
+        emptied = [ch for ch in list(conn.channels) if self.unsubscribe(conn, ch)]
+        return emptied
+
+    def user_connections(self, user_id: str) -> list[Connection]:
+        return list(self._by_user.get(user_id, ()))
+
+    def user_connection_count(self, user_id: str) -> int:
+        return len(self._by_user.get(user_id, ()))
+
+    def subscribe(self, conn: Connection, channel: str) -> bool:
+        """Add a subscription; returns True if it is the channel's first local one."""
+        subs = self._by_channel.get(channel)
+        first = subs is None
+        if subs is None:
+            subs = self._by_channel[channel] = {}
+        subs[conn] = None
+        conn.channels.add(channel)
+        return first
+
+    def unsubscribe(self, conn: Connection, channel: str) -> bool:
+        """Remove a subscription; returns True if the channel has no local subscriber left."""
+        conn.channels.discard(channel)
+        subs = self._by_channel.get(channel)
+        if subs is None:
+            return False
+        subs.pop(conn, None)
+        if subs:
+            return False
+        del self._by_channel[channel]
+        return True
+
+    def has_subscribers(self, channel: str) -> bool:
+        return channel in self._by_channel
+
+    def channels(self) -> Iterable[str]:
+        return self._by_channel.keys()
+
+    def fanout(self, publication: Publication) -> int:
+        """Queue ``publication`` on every local subscriber; returns how many."""
+        subs = self._by_channel.get(publication.channel)
+        if not subs:
+            return 0
+        message = encode_message(publication)
+        # enqueue never mutates the registry (an overflowing connection is only marked
+        # closed; its handler task removes it later), so no copy is needed.
+        for conn in subs:
+            conn.enqueue_message(message)
+        return len(subs)

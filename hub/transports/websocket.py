@@ -1,0 +1,307 @@
+"""WebSocket ``/ws``: origin check -> auth -> accept -> one reader, one writer -> close.
+
+Flow (see docs/protocol.md):
+
+* ``Origin`` is checked against the allow-list before anything else (Starlette's CORS
+  middleware ignores WebSocket scopes, so this is ours). A refused origin gets HTTP 403.
+* Auth by ``Authorization: Bearer`` header (non-browser clients) or by a first frame
+  ``{"op":"auth","token":...}`` within ``auth_timeout``. Failure: a ``bye`` frame and
+  close code 4501 (4502 on timeout), so browsers can see why.
+* The reader handles request frames in order; every frame with an ``id`` is answered
+  with ``ack`` or ``error``. Replies go through the same outbox as messages, so the
+  single writer keeps their order.
+* The writer drains the whole outbox into one text frame (one JSON object per line),
+  sends ``{"op":"ping"}`` when idle for a heartbeat interval, and on close sends
+  ``bye`` then the close code of the :class:`~hub.errors.Disconnect`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from starlette.types import Receive, Scope, Send
+
+from .. import errors, protocol
+from ..auth import Principal, bearer_credential
+from ..connection import Connection
+from ..errors import Disconnect, HubError
+from .origin import origin_allowed
+
+if TYPE_CHECKING:
+    from ..hub import Hub, SubscribeResult
+
+logger = logging.getLogger("herald.ws")
+
+GOODBYE_TIMEOUT = 1.0
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", ()):
+        if key == name:
+            return str(value.decode("latin-1"))
+    return None
+
+
+class WebSocketSession:
+    """One WebSocket connection, from handshake to close."""
+
+    def __init__(self, hub: Hub, scope: Scope, receive: Receive, send: Send) -> None:
+        self.hub = hub
+        self.settings = hub.settings
+        self.scope = scope
+        self._receive = receive
+        self._send = send
+        self.conn: Connection | None = None
+
+    async def _close_before_accept(self) -> None:
+        await self._send({"type": "websocket.close", "code": 1008, "reason": "forbidden origin"})
+
+    async def _accept(self) -> None:
+        offered = self.scope.get("subprotocols") or []
+        subprotocol = protocol.SUBPROTOCOL if protocol.SUBPROTOCOL in offered else None
+        await self._send({"type": "websocket.accept", "subprotocol": subprotocol})
+
+    async def _goodbye(self, disconnect: Disconnect, frames: list[bytes] | None = None) -> None:
+        payload = protocol.join_frames([*(frames or []), protocol.encode_bye(disconnect)])
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(GOODBYE_TIMEOUT):
+                await self._send({"type": "websocket.send", "text": payload.decode()})
+                await self._send(
+                    {
+                        "type": "websocket.close",
+                        "code": disconnect.code,
+                        "reason": disconnect.reason,
+                    }
+                )
+
+    async def run(self) -> None:
+        first = await self._receive()
+        if first["type"] != "websocket.connect":
+            return
+        origin = _header(self.scope, b"origin")
+        host = _header(self.scope, b"host")
+        if not origin_allowed(origin, host, self.settings.allowed_origins):
+            logger.info("websocket refused: origin %r not allowed", origin)
+            await self._close_before_accept()
+            return
+        await self._accept()
+        try:
+            principal, auth_id = await self._authenticate()
+        except _Refused as refused:
+            self.hub.metrics.disconnects.labels(refused.disconnect.reason).inc()
+            await self._goodbye(refused.disconnect, refused.frames)
+            return
+        try:
+            self.conn = self.hub.open_connection(principal, "websocket")
+        except Disconnect as refused_conn:
+            self.hub.metrics.disconnects.labels(refused_conn.reason).inc()
+            await self._goodbye(refused_conn)
+            return
+        conn = self.conn
+        try:
+            conn.enqueue_control(
+                protocol.encode_welcome(
+                    auth_id,
+                    connection=conn.id,
+                    subject=principal.subject,
+                    heartbeat=self.settings.heartbeat_interval,
+                    expires_at=principal.expires_at,
+                )
+            )
+            await self._serve(conn)
+        finally:
+            self.hub.release_connection(conn)
+
+    async def _authenticate(self) -> tuple[Principal, int | None]:
+        credential = bearer_credential(_header(self.scope, b"authorization"))
+        if credential is not None:
+            try:
+                return await self.hub.authenticator.authenticate(credential), None
+            except HubError as exc:
+                raise _Refused(errors.UNAUTHORIZED_DISCONNECT, exc) from None
+        try:
+            async with asyncio.timeout(self.settings.auth_timeout):
+                message = await self._receive()
+        except TimeoutError:
+            raise _Refused(errors.AUTH_TIMEOUT) from None
+        if message["type"] == "websocket.disconnect":
+            raise _Refused(errors.AUTH_TIMEOUT)
+        raw = message.get("text") or message.get("bytes") or b""
+        request_id = None
+        try:
+            obj = protocol.parse_json_frame(raw)
+            request_id = protocol.frame_id(obj)
+            frame = protocol.decode_client_frame(
+                obj, max_message_bytes=self.settings.max_message_bytes
+            )
+            if not isinstance(frame, protocol.AuthFrame):
+                raise HubError(errors.UNAUTHORIZED, 'the first frame must be {"op":"auth"}')
+            return await self.hub.authenticator.authenticate(frame.token), frame.id
+        except HubError as exc:
+            raise _Refused(errors.UNAUTHORIZED_DISCONNECT, exc, request_id) from None
+
+    async def _serve(self, conn: Connection) -> None:
+        reader = asyncio.ensure_future(self._read_loop(conn))
+        writer = asyncio.ensure_future(self._write_loop(conn))
+        closed = asyncio.ensure_future(conn.wait_closed())
+        try:
+            done, _ = await asyncio.wait(
+                {reader, writer, closed}, return_when=asyncio.FIRST_COMPLETED
+            )
+            if closed in done and not writer.done():
+                # Give the writer a moment to send bye + close; a client that stopped
+                # reading blocks it, and then we give up on it.
+                await asyncio.wait({writer}, timeout=GOODBYE_TIMEOUT)
+        finally:
+            for task in (reader, writer, closed):
+                task.cancel()
+            await asyncio.gather(reader, writer, closed, return_exceptions=True)
+
+    # -- reader ----------------------------------------------------------------------------
+
+    async def _read_loop(self, conn: Connection) -> None:
+        max_frame = self.settings.max_frame_bytes
+        while conn.closed is None:
+            message = await self._receive()
+            if message["type"] == "websocket.disconnect":
+                conn.close(errors.Disconnect(1000, "client_closed", "client closed"))
+                return
+            text = message.get("text")
+            if text is None:
+                self._reply_error(
+                    conn, None, HubError(errors.BAD_REQUEST, "binary frames are not supported")
+                )
+                continue
+            if len(text) > max_frame:
+                self.hub.close_connection(conn, errors.MESSAGE_TOO_BIG)
+                return
+            await self._handle_frame(conn, text)
+
+    def _reply_error(self, conn: Connection, request_id: int | None, error: HubError) -> None:
+        self.hub.metrics.errors.labels(error.code).inc()
+        conn.enqueue_control(protocol.encode_error(request_id, error))
+
+    async def _handle_frame(self, conn: Connection, text: str) -> None:
+        request_id: int | None = None
+        try:
+            obj = protocol.parse_json_frame(text)
+            request_id = protocol.frame_id(obj)
+            frame = protocol.decode_client_frame(
+                obj, max_message_bytes=self.settings.max_message_bytes
+            )
+            reply = await self._dispatch(conn, frame)
+        except HubError as exc:
+            self._reply_error(conn, request_id, exc)
+            return
+        except Exception:
+            logger.exception("error handling a frame on connection %s", conn.id)
+            self._reply_error(conn, request_id, HubError(errors.INTERNAL, "internal error"))
+            return
+        if reply is not None:
+            conn.enqueue_control(reply)
+
+    async def _dispatch(self, conn: Connection, frame: protocol.ClientFrame) -> bytes | None:
+        hub = self.hub
+        if isinstance(frame, protocol.SubscribeFrame):
+            request_id = frame.id
+
+            def ack(result: SubscribeResult) -> bytes:
+                fields: dict[str, object] = {
+                    "channel": result.channel,
+                    "offset": result.position.token(),
+                }
+                if result.recovered is not None:
+                    fields["recovered"] = result.recovered
+                return protocol.encode_ack(request_id, **fields)
+
+            await hub.subscribe(conn, frame.channel, frame.since, ack)
+            return None
+        if isinstance(frame, protocol.UnsubscribeFrame):
+            channel = await hub.unsubscribe(conn, frame.channel)
+            return protocol.encode_ack(frame.id, channel=channel)
+        if isinstance(frame, protocol.PublishFrame):
+            pub = await hub.publish_as(conn.principal, frame.channel, frame.event, frame.data)
+            return protocol.encode_ack(frame.id, channel=pub.channel, offset=pub.position.token())
+        if isinstance(frame, protocol.PingFrame):
+            return protocol.encode_pong(frame.id)
+        if isinstance(frame, protocol.PongFrame):
+            return None
+        if isinstance(frame, protocol.RefreshFrame):
+            principal = await hub.refresh(conn, frame.token)
+            return protocol.encode_ack(frame.id, expires_at=principal.expires_at)
+        if isinstance(frame, protocol.AuthFrame):
+            raise HubError(errors.ALREADY_AUTHENTICATED, "connection is already authenticated")
+        raise HubError(errors.UNKNOWN_OP, "unknown op")
+
+    # -- writer ----------------------------------------------------------------------------
+
+    async def _write_loop(self, conn: Connection) -> None:
+        send = self._send
+        heartbeat = self.settings.heartbeat_interval
+        send_timeout = self.settings.send_timeout
+        delivered = self.hub.metrics.delivered.labels("websocket")
+        while True:
+            batch = await conn.next_batch(heartbeat)
+            if batch is None:
+                break
+            if not batch:
+                text = protocol.PING_FRAME.decode()
+                count = 0
+            elif len(batch) == 1:
+                item = batch[0]
+                text = item.decode() if isinstance(item, bytes) else item.text
+                count = 0 if isinstance(item, bytes) else 1
+            else:
+                parts = []
+                count = 0
+                for item in batch:
+                    if isinstance(item, bytes):
+                        parts.append(item.decode())
+                    else:
+                        parts.append(item.text)
+                        count += 1
+                text = "\n".join(parts)
+            try:
+                async with asyncio.timeout(send_timeout):
+                    await send({"type": "websocket.send", "text": text})
+            except TimeoutError:
+                self.hub.close_connection(conn, errors.SLOW_CONSUMER)
+                self.hub.metrics.slow_consumers.inc()
+                return
+            except Exception:  # the client went away mid-write
+                conn.close(errors.Disconnect(1006, "client_gone", "connection lost"))
+                return
+            if count:
+                delivered.inc(count)
+        disconnect = conn.closed
+        if disconnect is not None and disconnect.reason not in ("client_closed", "client_gone"):
+            await self._goodbye(disconnect)
+
+
+class _Refused(Exception):
+    def __init__(
+        self,
+        disconnect: Disconnect,
+        error: HubError | None = None,
+        request_id: int | None = None,
+    ) -> None:
+        super().__init__(disconnect.reason)
+        self.frames: list[bytes] = []
+        if error is not None:
+            self.disconnect = disconnect.with_message(error.message)
+            self.frames.append(protocol.encode_error(request_id, error))
+        else:
+            self.disconnect = disconnect
+
+
+async def websocket_endpoint(hub: Hub, scope: Scope, receive: Receive, send: Send) -> None:
+    session = WebSocketSession(hub, scope, receive, send)
+    started = time.monotonic()
+    try:
+        await session.run()
+    finally:
+        logger.debug("websocket closed after %.1f s", time.monotonic() - started)
