@@ -81,7 +81,8 @@ class Hub:
         for conn in conns:
             self.close_connection(conn, errors.SHUTDOWN)
         deadline = time.monotonic() + grace
-        while self.registry.connections and time.monotonic() < deadline:
+        # Connections leave the registry as their handlers finish; poll briefly.
+        while self.registry.connections and time.monotonic() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.05)
 
     async def aclose(self) -> None:
