@@ -1,8 +1,8 @@
 """create_app(settings) -> the ASGI app. Everything is built in the lifespan, nothing at import.
 
 Lifespan: broker connect -> hub start -> extensions (the users API) -> serve ->
-extensions exit -> hub drain (``bye``) -> broker close. ``herald serve`` calls the
-drain *before* uvicorn closes connections (see :mod:`hub.server`), so clients get
+extensions exit -> hub drain (``bye``) -> broker close. On SIGTERM the drain runs
+*before* uvicorn closes connections (see :mod:`hub.shutdown`), so clients get
 ``bye`` with ``reconnect: true`` instead of a bare close.
 """
 
@@ -27,6 +27,7 @@ from .metrics import Metrics
 from .middleware import RequestIdMiddleware
 from .policy import ChannelPolicy, DefaultChannelPolicy
 from .settings import Settings, load_settings
+from .shutdown import SignalDrain
 from .transports.sse import sse_endpoint
 from .transports.websocket import websocket_endpoint
 
@@ -100,12 +101,15 @@ def create_app(
         app.state.hub = hub
         await hub.start()
         logger.info("hub started (broker %s)", "redis" if settings.redis_url else "memory")
+        signals = SignalDrain(hub.drain)
         try:
             async with contextlib.AsyncExitStack() as stack:
                 for extension in extensions:
                     await stack.enter_async_context(extension.lifespan(app))
+                signals.install()
                 yield {DRAIN_STATE_KEY: hub.drain}
         finally:
+            signals.restore()
             await hub.aclose()
             logger.info("hub stopped")
 

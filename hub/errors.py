@@ -62,6 +62,14 @@ class Disconnect:
         return Disconnect(self.code, self.reason, message)
 
 
+class Refused(Exception):
+    """A connection is refused (or ended) with ``disconnect``."""
+
+    def __init__(self, disconnect: Disconnect) -> None:
+        super().__init__(disconnect.reason)
+        self.disconnect = disconnect
+
+
 # Reconnect with backoff (1001, 4000-4499).
 SHUTDOWN = Disconnect(1001, "shutdown", "server is shutting down, reconnect")
 SLOW_CONSUMER = Disconnect(4001, "slow_consumer", "client did not read fast enough")

@@ -123,16 +123,15 @@ class Hub:
     # -- connections --------------------------------------------------------------------------
 
     def open_connection(self, principal: Principal, transport: TransportKind) -> Connection:
-        """Register a new authenticated connection or raise the :class:`Disconnect` that
-        refuses it."""
+        """Register a new authenticated connection or raise :class:`~hub.errors.Refused`."""
         if not self.accepting:
-            raise errors.SHUTDOWN
+            raise errors.Refused(errors.SHUTDOWN)
         user = principal.subject if principal.kind == "user" else None
         if (
             user is not None
             and self.registry.user_connection_count(user) >= self.settings.max_connections_per_user
         ):
-            raise errors.CONNECTION_LIMIT
+            raise errors.Refused(errors.CONNECTION_LIMIT)
         conn = Connection(
             principal,
             transport,

@@ -17,13 +17,16 @@ from prometheus_client import (
     Gauge,
     generate_latest,
     multiprocess,
+    values,
 )
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
 def multiprocess_enabled() -> bool:
-    return bool(os.environ.get(MULTIPROC_ENV))
+    """True when values are written to the shared directory (decided by prometheus_client
+    when it was first imported, so the environment alone is not enough)."""
+    return bool(os.environ.get(MULTIPROC_ENV)) and values.ValueClass is not values.MutexValue
 
 
 class Metrics:

@@ -144,10 +144,13 @@ async def sse_endpoint(hub: Hub, scope: Scope, receive: Receive, send: Send) -> 
         )
         await response(scope, receive, send)
         return
-    except Disconnect as refused:
-        status = 503 if refused is errors.SHUTDOWN else 429
+    except errors.Refused as refused:
+        status = 503 if refused.disconnect is errors.SHUTDOWN else 429
         response = error_response(
-            status, refused.reason, refused.message, request_id=request_id_of(request)
+            status,
+            refused.disconnect.reason,
+            refused.disconnect.message,
+            request_id=request_id_of(request),
         )
         await response(scope, receive, send)
         return
@@ -203,14 +206,15 @@ async def _stream(
     )
     stream = SSEStream(hub, conn, channels, connected)
     settings = hub.settings
-    response = EventSourceResponse(
+    event_source = EventSourceResponse(
         stream.events(),
         headers=SSE_HEADERS,
         ping=max(1, int(settings.heartbeat_interval)),
         send_timeout=settings.send_timeout,
+        shutdown_grace_period=settings.shutdown_grace,
     )
     try:
-        await response(scope, receive, send)
+        await event_source(scope, receive, send)
     except asyncio.CancelledError:
         raise
     except Exception as exc:  # send timeout or a vanished client

@@ -97,9 +97,9 @@ class WebSocketSession:
             return
         try:
             self.conn = self.hub.open_connection(principal, "websocket")
-        except Disconnect as refused_conn:
-            self.hub.metrics.disconnects.labels(refused_conn.reason).inc()
-            await self._goodbye(refused_conn)
+        except errors.Refused as refused_conn:
+            self.hub.metrics.disconnects.labels(refused_conn.disconnect.reason).inc()
+            await self._goodbye(refused_conn.disconnect)
             return
         conn = self.conn
         try:
