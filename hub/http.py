@@ -92,6 +92,7 @@ async def _rate_limit(hub: Hub, principal: Principal, response: Response) -> Non
         burst=settings.publish_rate_burst,
     )
     response.headers.update(headers)
+    response.headers["X-Herald-Node"] = hub.node_id
 
 
 def _request_for(principal: Principal, hub: Hub, message: PublishIn) -> PublishRequest:

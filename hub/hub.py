@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -66,6 +67,8 @@ class Hub:
         self._background: set[asyncio.Task[None]] = set()
         self.accepting = True
         self.broker_connected = False
+        # Identifies this worker in `connected` frames and X-Herald-Node headers.
+        self.node_id = secrets.token_hex(4)
 
     # -- lifecycle --------------------------------------------------------------------------
 

@@ -199,6 +199,7 @@ async def _stream(
         {
             "op": "connected",
             "connection": conn.id,
+            "node": hub.node_id,
             "subject": conn.principal.subject,
             "channels": status,
             "expires_at": conn.principal.expires_at,

@@ -107,6 +107,7 @@ class WebSocketSession:
                 protocol.encode_welcome(
                     auth_id,
                     connection=conn.id,
+                    node=self.hub.node_id,
                     subject=principal.subject,
                     heartbeat=self.settings.heartbeat_interval,
                     expires_at=principal.expires_at,
