@@ -79,6 +79,11 @@ SERVER_ERROR = Disconnect(4004, "server_error", "internal server error")
 FORCE_RECONNECT = Disconnect(4005, "force_reconnect", "server asked the client to reconnect")
 CONNECTION_LIMIT = Disconnect(4006, "connection_limit", "too many connections for this user")
 BROKER_UNAVAILABLE = Disconnect(4007, "unavailable", "message broker unavailable")
+INSUFFICIENT_STATE = Disconnect(
+    4008,
+    "insufficient_state",
+    "messages were missed and could not be recovered; resubscribe with your last offsets",
+)
 
 # Terminal: do not reconnect without changing something (4500-4999).
 BAD_PROTOCOL = Disconnect(4500, "bad_protocol", "protocol violation")
@@ -97,6 +102,7 @@ ALL_DISCONNECTS = (
     FORCE_RECONNECT,
     CONNECTION_LIMIT,
     BROKER_UNAVAILABLE,
+    INSUFFICIENT_STATE,
     BAD_PROTOCOL,
     UNAUTHORIZED_DISCONNECT,
     AUTH_TIMEOUT,

@@ -119,9 +119,40 @@ class Hub:
         self.broker_connected = connected
         if connected:
             self.metrics.broker_reconnects.inc()
-            logger.info("broker connection restored")
+            logger.info("broker connection restored; recovering missed messages")
+            self._spawn(self._resync_channels())
         else:
             logger.warning("broker connection lost; reconnecting")
+
+    async def _resync_channels(self) -> None:
+        for channel in list(self.registry.channels()):
+            await self._resync(channel)
+
+    async def _resync(self, channel: str) -> None:
+        """After a broker outage, deliver what was published meanwhile from history; if
+        history cannot fill the gap, make the channel's subscribers resubscribe (they
+        then learn ``recovered: false``) rather than let them miss messages silently."""
+        since = self.registry.position(channel)
+        if since is None:
+            return
+        self.registry.begin_sync(channel)
+        try:
+            history = await self.broker.history(channel, since=since)
+        except BrokerUnavailable:
+            self.registry.end_sync(channel, [])
+            return
+        except Exception:
+            self.registry.end_sync(channel, [])
+            logger.exception("resync of %s failed", channel)
+            return
+        if history.recovered:
+            count = self.registry.end_sync(channel, history.publications)
+            if count:
+                logger.info("recovered %d missed messages on %s", count, channel)
+            return
+        self.registry.end_sync(channel, [])
+        for conn in self.registry.subscribers(channel):
+            self.close_connection(conn, errors.INSUFFICIENT_STATE)
 
     # -- connections --------------------------------------------------------------------------
 
@@ -258,6 +289,7 @@ class Hub:
             conn.abort_recovery(name)
             self._drop_subscription(conn, name)
             raise
+        self.registry.note_position(name, top)
         result = SubscribeResult(name, top, recovered)
         head = reply(result) if reply is not None else None
         last = conn.finish_recovery(name, replay, after, head)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from .connection import Connection
-from .protocol import Publication, encode_message
+from .protocol import Publication, StreamPosition, encode_message
 
 
 class Registry:
@@ -17,6 +17,12 @@ class Registry:
         self.connections: set[Connection] = set()
         self._by_channel: dict[str, dict[Connection, None]] = {}
         self._by_user: dict[str, set[Connection]] = {}
+        # Last position fanned out per channel: drops duplicates after a resync and
+        # tells the resync where to read history from.
+        self._positions: dict[str, StreamPosition] = {}
+        # Channels whose missed messages are being read from history after a broker
+        # reconnect: live publications wait here meanwhile.
+        self._syncing: dict[str, list[Publication]] = {}
 
     def __len__(self) -> int:
         return len(self.connections)
@@ -74,6 +80,7 @@ class Registry:
         if subs:
             return False
         del self._by_channel[channel]
+        self._positions.pop(channel, None)
         return True
 
     def has_subscribers(self, channel: str) -> bool:
@@ -82,14 +89,50 @@ class Registry:
     def channels(self) -> Iterable[str]:
         return self._by_channel.keys()
 
+    def subscribers(self, channel: str) -> list[Connection]:
+        return list(self._by_channel.get(channel, ()))
+
+    def position(self, channel: str) -> StreamPosition | None:
+        return self._positions.get(channel)
+
+    def note_position(self, channel: str, position: StreamPosition) -> None:
+        """Record a channel top learnt at subscribe time (never moves backwards)."""
+        if channel not in self._by_channel:
+            return
+        known = self._positions.get(channel)
+        if known is None or known.epoch != position.epoch or known.offset < position.offset:
+            self._positions[channel] = position
+
     def fanout(self, publication: Publication) -> int:
         """Queue ``publication`` on every local subscriber; returns how many."""
-        subs = self._by_channel.get(publication.channel)
+        channel = publication.channel
+        pending = self._syncing.get(channel)
+        if pending is not None:
+            pending.append(publication)
+            return 0
+        subs = self._by_channel.get(channel)
         if not subs:
             return 0
+        last = self._positions.get(channel)
+        if (
+            last is not None
+            and last.epoch == publication.epoch
+            and publication.offset <= last.offset
+        ):
+            return 0  # already delivered (a resync replayed it)
+        self._positions[channel] = publication.position
         message = encode_message(publication)
         # enqueue never mutates the registry (an overflowing connection is only marked
         # closed; its handler task removes it later), so no copy is needed.
         for conn in subs:
             conn.enqueue_message(message)
         return len(subs)
+
+    def begin_sync(self, channel: str) -> None:
+        self._syncing.setdefault(channel, [])
+
+    def end_sync(self, channel: str, replay: list[Publication]) -> int:
+        """Fan out ``replay`` then the live publications held meanwhile, in order and
+        without duplicates; returns how many publications went out."""
+        held = self._syncing.pop(channel, [])
+        return sum(1 for pub in [*replay, *held] if self.fanout(pub))
