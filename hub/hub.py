@@ -292,9 +292,11 @@ class Hub:
         self.registry.note_position(name, top)
         result = SubscribeResult(name, top, recovered)
         head = reply(result) if reply is not None else None
-        last = conn.finish_recovery(name, replay, after, head)
-        if last is not None:
-            conn.positions[name] = last
+        conn.finish_recovery(name, replay, after, head)
+        # Where the client stands now, not where it will stand once the queued replay is
+        # written: the writer advances it per message (an SSE cursor sent before the replay
+        # reaches the client must not skip it).
+        conn.positions[name] = after
         return result
 
     def _drop_subscription(self, conn: Connection, channel: str) -> None:

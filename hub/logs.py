@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import orjson
@@ -27,13 +28,21 @@ def redact(text: str) -> str:
 
 class RedactSecretsFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.args:
-            record.args = tuple(
-                redact(arg) if isinstance(arg, str) else arg
-                for arg in (record.args if isinstance(record.args, tuple) else (record.args,))
-            )
+        if isinstance(record.args, Mapping):  # logger.info("%(path)s", {"path": ...})
+            record.args = {
+                key: redact(value) if isinstance(value, str) else value
+                for key, value in record.args.items()
+            }
+        elif record.args:
+            record.args = tuple(redact(arg) if isinstance(arg, str) else arg for arg in record.args)
         if isinstance(record.msg, str):
-            record.msg = redact(record.msg)
+            redacted = redact(record.msg)
+            if redacted != record.msg and record.args:
+                # A placeholder looked like a secret ("token=%s"): redacting the template
+                # would break its formatting and lose the line, so format, then redact.
+                record.msg, record.args = redact(record.getMessage()), None
+            else:
+                record.msg = redacted
         return True
 
 

@@ -28,7 +28,7 @@ class RequestIdMiddleware:
             if name == REQUEST_ID_HEADER:
                 incoming = value
                 break
-        if incoming is not None and _VALID_REQUEST_ID.match(incoming):
+        if incoming is not None and _VALID_REQUEST_ID.fullmatch(incoming):  # no trailing \n
             request_id = incoming.decode()
         else:
             request_id = uuid.uuid4().hex

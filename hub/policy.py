@@ -27,7 +27,7 @@ def validate_channel(channel: object) -> str:
         raise HubError(
             errors.BAD_CHANNEL, f"channel name longer than {MAX_CHANNEL_LENGTH} characters"
         )
-    if not CHANNEL_RE.match(channel):
+    if not CHANNEL_RE.fullmatch(channel):  # match()+'$' accepts a trailing newline
         raise HubError(
             errors.BAD_CHANNEL,
             "channel must look like 'kind' or 'kind:name' (kind: letters, digits, _ -; "

@@ -41,7 +41,8 @@ class StreamPosition:
 def parse_offset(token: str) -> StreamPosition:
     """Parse the opaque ``"<offset>:<epoch>"`` token clients send back as ``since``."""
     seq, sep, epoch = token.partition(":")
-    if not sep or not seq.isdigit() or not epoch or len(token) > 64:
+    # isascii: str.isdigit() is also true for '²' and other digits int() refuses.
+    if not sep or not (seq.isascii() and seq.isdigit()) or not epoch or len(token) > 64:
         raise HubError(errors.BAD_REQUEST, f"malformed offset {token[:64]!r}")
     return StreamPosition(int(seq), epoch)
 
@@ -107,7 +108,8 @@ def encode_data(data: Any) -> bytes:
 
 
 def validate_event_name(event: object) -> str:
-    if not isinstance(event, str) or not EVENT_NAME_RE.match(event):
+    # fullmatch: '$' also matches before a trailing newline (an SSE event-line injection).
+    if not isinstance(event, str) or not EVENT_NAME_RE.fullmatch(event):
         raise HubError(
             errors.BAD_REQUEST,
             "event must be 1-64 characters of letters, digits and _ . : -",

@@ -6,6 +6,7 @@ memory broker refuses several workers (each would be an island).
 
 from __future__ import annotations
 
+import os
 import secrets
 from pathlib import Path
 from typing import Annotated, Literal
@@ -154,18 +155,34 @@ class Settings(BaseSettings):
             raise SettingsError("HERALD_SECRET_KEY is required in production")
         path = self.data_dir / DEV_SECRET_FILE
         try:
-            return path.read_text().strip()
+            return _read_dev_secret(path)
         except FileNotFoundError:
             pass
         self.data_dir.mkdir(parents=True, exist_ok=True)
         secret = secrets.token_urlsafe(48)
+        # Written in full to a private (0600 from creation) temporary file, then linked into
+        # place: a concurrent reader sees no file or the whole secret, never an empty one.
+        tmp = path.with_name(f"{path.name}.{secrets.token_hex(6)}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            with path.open("x") as handle:
-                path.chmod(0o600)
+            with os.fdopen(fd, "w") as handle:
                 handle.write(secret)
-            return secret
+            os.link(tmp, path)
         except FileExistsError:  # another worker won the race
-            return path.read_text().strip()
+            return _read_dev_secret(path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return secret
+
+
+def _read_dev_secret(path: Path) -> str:
+    secret = path.read_text().strip()
+    if len(secret) < MIN_SECRET_LENGTH:
+        raise SettingsError(
+            f"{path} holds no usable secret (empty or shorter than {MIN_SECRET_LENGTH} "
+            "characters): delete it to create a new one, or set HERALD_SECRET_KEY"
+        )
+    return secret
 
 
 def load_settings(**overrides: object) -> Settings:

@@ -1,0 +1,316 @@
+"""SSE /sse against a real uvicorn on this event loop, read with httpx streaming."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+
+from .conftest import SERVICE_KEY, LiveServer, wait_until
+
+TIMEOUT = 5.0
+
+
+@dataclass
+class Event:
+    event: str
+    data: Any
+    id: str | None
+
+
+class Stream:
+    """Parses an SSE body into events; remembers ``retry:`` and comment lines."""
+
+    def __init__(self, response: httpx.Response) -> None:
+        self.response = response
+        self._lines = response.aiter_lines()
+        self.retry: int | None = None
+        self.comments: list[str] = []
+
+    async def next(self) -> Event:
+        return await asyncio.wait_for(self._next(), TIMEOUT)
+
+    async def _next(self) -> Event:
+        fields: dict[str, str] = {}
+        data: list[str] = []
+        async for line in self._lines:
+            if not line:
+                if data or fields:
+                    return Event(
+                        fields.get("event", "message"),
+                        orjson.loads("\n".join(data)),
+                        fields.get("id"),
+                    )
+                continue
+            if line.startswith(":"):
+                self.comments.append(line)
+                continue
+            name, _, value = line.partition(":")
+            value = value.removeprefix(" ")
+            if name == "data":
+                data.append(value)
+            elif name == "retry":
+                self.retry = int(value)
+            else:
+                fields[name] = value
+        raise EOFError("stream ended")
+
+    async def expect(self, event: str) -> Event:
+        got = await self.next()
+        assert got.event == event, got
+        return got
+
+
+@contextlib.asynccontextmanager
+async def sse(
+    server: LiveServer,
+    channels: list[str],
+    *,
+    token: str | None = None,
+    headers: dict[str, str] | None = None,
+    params: dict[str, str] | None = None,
+) -> AsyncIterator[Stream]:
+    all_headers = dict(headers or {})
+    if token is not None:
+        all_headers["Authorization"] = f"Bearer {token}"
+    query: list[tuple[str, str | int | float | bool | None]] = [("channel", c) for c in channels]
+    query += list((params or {}).items())
+    async with (
+        httpx.AsyncClient(base_url=server.http_url, timeout=TIMEOUT) as client,
+        client.stream("GET", "/sse", params=query, headers=all_headers) as response,
+    ):
+        yield Stream(response)
+
+
+def issue(server: LiveServer, subject: str = "42", **kw: Any) -> str:
+    return server.hub.authenticator.tokens.issue(subject, **kw)
+
+
+@pytest.fixture
+async def server(live: Callable[..., Any]) -> LiveServer:
+    result: LiveServer = await live(sse_retry_ms=1500)
+    return result
+
+
+async def test_headers_retry_and_connected_event(server: LiveServer) -> None:
+    async with sse(server, ["user:42", "public:news"], token=issue(server)) as stream:
+        response = stream.response
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        assert response.headers["cache-control"] == "no-cache"
+        assert response.headers["x-accel-buffering"] == "no"
+        assert "content-encoding" not in response.headers
+        connected = await stream.expect("connected")
+        assert stream.retry == 1500
+        assert connected.id  # even the first event carries a resume cursor
+        assert connected.data["op"] == "connected"
+        assert connected.data["subject"] == "42"
+        assert set(connected.data["channels"]) == {"user:42", "public:news"}
+        for status in connected.data["channels"].values():
+            assert "recovered" not in status  # nothing was asked
+            assert status["offset"].startswith("0:")
+
+
+async def test_messages_carry_id_event_and_the_envelope(server: LiveServer) -> None:
+    async with sse(server, ["user:42", "public:news"], token=issue(server)) as stream:
+        connected = await stream.expect("connected")
+        pub = await server.hub.publish("user:42", "user.updated", {"name": "Ada"})
+        await server.hub.publish("public:news", "headline", "hi")
+        first = await stream.expect("user.updated")
+        assert first.data == {
+            "op": "message",
+            "channel": "user:42",
+            "offset": pub.position.token(),
+            "event": "user.updated",
+            "data": {"name": "Ada"},
+            "ts": pub.ts,
+        }
+        second = await stream.expect("headline")
+        ids = [connected.id, first.id, second.id]
+        assert all(ids) and len(set(ids)) == 3
+
+
+async def test_resume_with_last_event_id_across_two_channels(server: LiveServer) -> None:
+    hub = server.hub
+    channels = ["user:42", "public:news"]
+    token = issue(server)
+    async with sse(server, channels, token=token) as stream:
+        await stream.expect("connected")
+        await hub.publish_many(
+            [
+                ("user:42", "u", 1),
+                ("public:news", "n", 1),
+                ("user:42", "u", 2),
+                ("public:news", "n", 2),
+            ]
+        )
+        received = [await stream.next() for _ in range(3)]
+        assert [(e.event, e.data["data"]) for e in received] == [("u", 1), ("n", 1), ("u", 2)]
+        last_id = received[-1].id
+        # The fourth event (n 2) is "lost" with the connection.
+    await wait_until(lambda: len(hub.registry) == 0)
+    await hub.publish_many([("user:42", "u", 3), ("public:news", "n", 3)])
+    async with sse(server, channels, token=token, headers={"Last-Event-ID": last_id or ""}) as s:
+        connected = await s.expect("connected")
+        assert {ch: st["recovered"] for ch, st in connected.data["channels"].items()} == {
+            "user:42": True,
+            "public:news": True,
+        }
+        replayed = [await s.next() for _ in range(3)]
+        per_channel: dict[str, list[int]] = {}
+        for event in replayed:
+            per_channel.setdefault(event.data["channel"], []).append(event.data["data"])
+        assert per_channel == {"public:news": [2, 3], "user:42": [3]}
+        # Nothing more: a live message is the next thing to arrive.
+        await hub.publish("user:42", "u", 4)
+        assert (await s.next()).data["data"] == 4
+
+
+async def test_resume_cursor_of_the_connected_event_loses_nothing(server: LiveServer) -> None:
+    """A client that drops right after ``connected`` (before the replay reached it) and
+    resumes from that event's id must still get the replayed messages."""
+    hub = server.hub
+    channels = ["public:a", "public:b"]
+    token = issue(server)
+    async with sse(server, channels, token=token) as stream:
+        start = (await stream.expect("connected")).id
+    await wait_until(lambda: len(hub.registry) == 0)
+    await hub.publish_many([("public:a", "e", 1), ("public:b", "e", 1), ("public:a", "e", 2)])
+    async with sse(server, channels, token=token, headers={"Last-Event-ID": start or ""}) as s:
+        resumed_at = (await s.expect("connected")).id
+    await wait_until(lambda: len(hub.registry) == 0)
+    async with sse(server, channels, token=token, headers={"Last-Event-ID": resumed_at or ""}) as s:
+        await s.expect("connected")
+        got = sorted(
+            (e.data["channel"], e.data["data"]) for e in [await s.next() for _ in range(3)]
+        )
+        assert got == [("public:a", 1), ("public:a", 2), ("public:b", 1)]
+
+
+async def test_garbage_cursor_reports_not_recovered(server: LiveServer) -> None:
+    await server.hub.publish("user:42", "u", 1)
+    async with sse(
+        server, ["user:42", "public:news"], token=issue(server), headers={"Last-Event-ID": "junk"}
+    ) as stream:
+        connected = await stream.expect("connected")
+        statuses = connected.data["channels"]
+        assert statuses["user:42"] == {"recovered": False, "offset": statuses["user:42"]["offset"]}
+        assert statuses["public:news"]["recovered"] is False
+        await server.hub.publish("user:42", "u", 2)
+        assert (await stream.next()).data["data"] == 2  # live only, no replay
+
+
+async def test_cursor_for_other_channels_is_not_applied(server: LiveServer) -> None:
+    token = issue(server)
+    async with sse(server, ["public:a"], token=token) as stream:
+        cursor = (await stream.expect("connected")).id
+    await server.hub.publish("public:b", "e", 1)
+    async with sse(server, ["public:b"], token=token, params={"lastEventId": cursor or ""}) as s:
+        connected = await s.expect("connected")
+        assert connected.data["channels"]["public:b"]["recovered"] is False
+
+
+async def test_last_event_id_query_parameter_resumes(server: LiveServer) -> None:
+    token = issue(server)
+    async with sse(server, ["public:a"], token=token) as stream:
+        cursor = (await stream.expect("connected")).id
+    await server.hub.publish("public:a", "e", 1)
+    async with sse(server, ["public:a"], token=token, params={"lastEventId": cursor or ""}) as s:
+        assert (await s.expect("connected")).data["channels"]["public:a"]["recovered"] is True
+        assert (await s.next()).data["data"] == 1
+
+
+async def test_subscribe_token_in_the_query_string(server: LiveServer) -> None:
+    tokens = server.hub.authenticator.tokens
+    sub = tokens.issue("42", token_type="subscribe")
+    async with sse(server, ["user:42"], params={"token": sub}) as stream:
+        assert stream.response.status_code == 200
+        assert (await stream.expect("connected")).data["subject"] == "42"
+    async with sse(server, ["user:42"], params={"token": issue(server)}) as stream:
+        assert stream.response.status_code == 401  # an access token is not accepted there
+        await stream.response.aread()
+        assert stream.response.json()["error"]["code"] == "unauthorized"
+
+
+async def test_cookie_auth_checks_the_origin(live: Callable[..., Any]) -> None:
+    server: LiveServer = await live(allowed_origins=["https://app.example"])
+    cookie = {"Cookie": f"herald_token={issue(server)}"}
+    async with sse(
+        server, ["user:42"], headers={**cookie, "Origin": "https://evil.example"}
+    ) as stream:
+        assert stream.response.status_code == 403
+    async with sse(server, ["user:42"], headers={**cookie, "Origin": "https://app.example"}) as s:
+        assert s.response.status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("channels", "status", "code"),
+    [
+        ([], 400, "bad_request"),
+        (["user:43"], 403, "forbidden"),
+        (["bad channel"], 400, "bad_channel"),
+        (["public:1", "public:2", "public:3"], 400, "too_many_channels"),
+    ],
+)
+async def test_refusals_are_plain_http_errors(
+    live: Callable[..., Any], channels: list[str], status: int, code: str
+) -> None:
+    server: LiveServer = await live(max_channels_per_connection=2)
+    async with sse(server, channels, token=issue(server)) as stream:
+        assert stream.response.status_code == status
+        await stream.response.aread()
+        assert stream.response.json()["error"]["code"] == code
+    await wait_until(lambda: len(server.hub.registry) == 0)
+    await wait_until(lambda: server.hub.registry.channel_count == 0)
+
+
+async def test_missing_credentials_is_401(server: LiveServer) -> None:
+    async with sse(server, ["public:a"]) as stream:
+        assert stream.response.status_code == 401
+        assert stream.response.headers["www-authenticate"] == "Bearer"
+
+
+async def test_service_key_can_stream_public_channels(server: LiveServer) -> None:
+    async with sse(server, ["public:a"], token=SERVICE_KEY) as stream:
+        assert (await stream.expect("connected")).data["subject"] == "service-key-0"
+
+
+async def test_disconnect_ends_the_stream_with_a_disconnect_event(server: LiveServer) -> None:
+    async with sse(server, ["user:42"], token=issue(server)) as stream:
+        await stream.expect("connected")
+        await server.hub.disconnect_user("42")
+        bye = await stream.expect("disconnect")
+        assert bye.data == {
+            "op": "bye",
+            "code": "user_disabled",
+            "close_code": 4504,
+            "message": "user was disabled or deleted",
+            "reconnect": False,
+        }
+        with pytest.raises(EOFError):
+            await stream.next()
+
+
+async def test_subscribe_token_stream_lives_until_session_exp(server: LiveServer) -> None:
+    import time
+
+    tokens = server.hub.authenticator.tokens
+    sub = tokens.issue("42", token_type="subscribe", extra={"session_exp": time.time() + 0.4})
+    async with sse(server, ["user:42"], params={"token": sub}) as stream:
+        await stream.expect("connected")
+        bye = await stream.expect("disconnect")
+        assert bye.data["code"] == "token_expired"
+
+
+async def test_closing_the_stream_releases_the_connection(server: LiveServer) -> None:
+    async with sse(server, ["public:a"], token=issue(server)) as stream:
+        await stream.expect("connected")
+        assert len(server.hub.registry) == 1
+    await wait_until(lambda: len(server.hub.registry) == 0)
+    await wait_until(lambda: not server.hub.registry.has_subscribers("public:a"))
