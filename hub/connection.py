@@ -54,7 +54,7 @@ class Connection:
         *,
         max_messages: int,
         max_bytes: int,
-        on_overflow: Callable[[Connection], None] | None = None,
+        on_overflow: Callable[[Connection, int], None] | None = None,
     ) -> None:
         self.id = next(_ids)
         self.principal = principal
@@ -109,9 +109,10 @@ class Connection:
         self._wakeup.set()
 
     def _overflow(self) -> None:
+        dropped = len(self._outbox)
         self.close(errors.SLOW_CONSUMER)
         if self._on_overflow is not None:
-            self._on_overflow(self)
+            self._on_overflow(self, dropped)
 
     def close(self, disconnect: Disconnect) -> None:
         """Mark the connection closed; the writer sends the goodbye and stops."""

@@ -178,22 +178,22 @@ class Hub:
         self.metrics.connections.labels(transport).inc()
         return conn
 
-    def _on_overflow(self, conn: Connection) -> None:
+    def _on_overflow(self, conn: Connection, dropped: int) -> None:
         self.metrics.slow_consumers.inc()
-        self.metrics.outbox_drops.inc(self.settings.outbox_max_messages)
+        self.metrics.outbox_drops.inc(dropped)
         logger.info("connection %s closed: slow consumer", conn.id)
 
     def close_connection(self, conn: Connection, disconnect: Disconnect) -> None:
         """Ask ``conn``'s writer to say goodbye and stop (non-blocking)."""
-        if conn.closed is None:
-            conn.close(disconnect)
-            self.metrics.disconnects.labels(disconnect.reason).inc()
+        conn.close(disconnect)
 
     def release_connection(self, conn: Connection) -> None:
         """Forget a finished connection (called by its transport, exactly once)."""
         if conn not in self.registry.connections:
             return
         conn.cancel_expiry()
+        if conn.closed is not None:  # counted once, whoever closed it
+            self.metrics.disconnects.labels(conn.closed.reason).inc()
         subs = len(conn.channels)
         emptied = self.registry.remove(conn)
         self.metrics.connections.labels(conn.transport).dec()

@@ -12,7 +12,8 @@ def origin_allowed(origin: str | None, host: str | None, allowed: Sequence[str])
     * no ``Origin`` header: a non-browser client; allowed (it must still authenticate);
     * ``*`` in the allow-list: any origin;
     * an origin listed exactly (scheme://host[:port]);
-    * with an empty allow-list, only the same origin as the ``Host`` the client used.
+    * the same origin as the ``Host`` the client used (pages served by the hub itself,
+      such as the dashboard), whatever the list says.
     """
     if origin is None:
         return True
@@ -21,7 +22,7 @@ def origin_allowed(origin: str | None, host: str | None, allowed: Sequence[str])
         return True
     if origin in (entry.rstrip("/").lower() for entry in allowed):
         return True
-    if not allowed and host:
+    if host:
         try:
             netloc = urlsplit(origin).netloc
         except ValueError:

@@ -27,7 +27,7 @@ def msg(offset: int, channel: str = "public:a", data: bytes = b"1") -> EncodedMe
 def conn(
     max_messages: int = 8,
     max_bytes: int = 1 << 20,
-    on_overflow: Callable[[Connection], None] | None = None,
+    on_overflow: Callable[[Connection, int], None] | None = None,
 ) -> Connection:
     return Connection(
         user("42"),
@@ -113,29 +113,29 @@ async def test_closed_connection_ignores_new_messages() -> None:
 
 
 async def test_outbox_overflow_by_count_closes_slow_consumer() -> None:
-    overflowed: list[Connection] = []
-    c = conn(max_messages=3, on_overflow=overflowed.append)
+    overflowed: list[tuple[Connection, int]] = []
+    c = conn(max_messages=3, on_overflow=lambda c, n: overflowed.append((c, n)))
     for n in range(1, 4):
         c.enqueue_message(msg(n))
     assert c.closed is None  # exactly at the limit is fine
     c.enqueue_message(msg(4))
     assert c.closed is errors.SLOW_CONSUMER
-    assert overflowed == [c]
+    assert overflowed == [(c, 4)]  # the four queued messages were dropped
     assert c.outbox_size == 0  # the outbox is dropped at once
     assert await c.next_batch(1.0) is None
 
 
 async def test_outbox_overflow_by_bytes_closes_slow_consumer() -> None:
-    overflowed: list[Connection] = []
+    overflowed: list[tuple[Connection, int]] = []
     big = b'"' + b"x" * 500 + b'"'
-    c = conn(max_messages=1000, max_bytes=2000, on_overflow=overflowed.append)
+    c = conn(max_messages=1000, max_bytes=2000, on_overflow=lambda c, n: overflowed.append((c, n)))
     c.enqueue_message(msg(1, data=big))
     c.enqueue_message(msg(2, data=big))
     assert c.closed is None
     c.enqueue_message(msg(3, data=big))
     c.enqueue_message(msg(4, data=big))
     assert c.closed is errors.SLOW_CONSUMER
-    assert overflowed == [c]
+    assert overflowed == [(c, 4)]
 
 
 async def test_control_frames_count_towards_the_limit() -> None:

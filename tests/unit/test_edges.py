@@ -84,7 +84,9 @@ async def test_lifespan_scopes_pass_through_untouched() -> None:
         ("https://app.example", "hub.example", ["https://app.example"], True),
         ("https://app.example:8443", "hub.example", ["https://app.example"], False),
         ("http://app.example", "hub.example", ["https://app.example"], False),
-        ("https://hub.example", "hub.example", ["https://app.example"], False),
+        # the hub's own pages (dashboard) stay allowed whatever the list says
+        ("https://hub.example", "hub.example", ["https://app.example"], True),
+        ("https://evil.example", "hub.example", ["https://app.example"], False),
         ("https://anything.example", "hub.example", ["*"], True),
         ("https://hub.example", None, [], False),
     ],
