@@ -9,13 +9,18 @@ extensions exit -> hub drain (``bye``) -> broker close. On SIGTERM the drain run
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager
+from pathlib import Path
 from typing import Any, Protocol
 
 from fastapi import FastAPI
-from starlette.routing import Route, WebSocketRoute
+from starlette.requests import Request
+from starlette.responses import FileResponse
+from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute
+from starlette.staticfiles import StaticFiles
 from starlette.types import Receive, Scope, Send
 
 from .auth import Authenticator, TokenService
@@ -61,6 +66,29 @@ class _SSEApp:
         await sse_endpoint(_hub_of(scope), scope, receive, send)
 
 
+def _client_routes() -> list[BaseRoute]:
+    """``/client/herald.js`` (+ ``.d.ts``) and ``/dashboard/``: static files of the
+    ``clients`` package, located with ``find_spec`` so the hub never runs its code."""
+    spec = importlib.util.find_spec("clients")
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    root = Path(next(iter(spec.submodule_search_locations)))
+
+    def serve(path: Path, media_type: str) -> Route:
+        async def endpoint(request: Request) -> FileResponse:
+            return FileResponse(path, media_type=media_type, headers={"Cache-Control": "no-cache"})
+
+        return Route("/client/" + path.name, endpoint, methods=["GET", "HEAD"])
+
+    routes: list[BaseRoute] = [
+        serve(root / "js" / "herald.js", "text/javascript; charset=utf-8"),
+        serve(root / "js" / "herald.d.ts", "application/typescript; charset=utf-8"),
+    ]
+    if (root / "dashboard").is_dir():
+        routes.append(Mount("/dashboard", StaticFiles(directory=root / "dashboard", html=True)))
+    return routes
+
+
 def build_hub(settings: Settings, *, policy: ChannelPolicy | None = None) -> Hub:
     broker = create_broker(
         BrokerConfig(
@@ -68,6 +96,7 @@ def build_hub(settings: Settings, *, policy: ChannelPolicy | None = None) -> Hub
             prefix=settings.redis_prefix,
             history_size=settings.history_size,
             history_ttl=settings.history_ttl,
+            history_overrides=settings.history_overrides(),
         )
     )
     tokens = TokenService(
@@ -121,6 +150,7 @@ def create_app(
         routes=[
             WebSocketRoute("/ws", _WebSocketApp()),
             Route("/sse", _SSEApp(), methods=["GET"]),
+            *_client_routes(),
         ],
     )
     app.state.settings = settings

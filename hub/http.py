@@ -6,17 +6,18 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Request, Response
+import orjson
+from fastapi import APIRouter, Depends, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, JsonValue
 
 from . import errors
 from .auth import Principal, bearer_credential
-from .broker import PublishRequest
+from .broker import BrokerUnavailable, PublishRequest
 from .errors import HubError
 from .http_errors import OrjsonResponse
 from .hub import Hub
-from .policy import check_publish
-from .protocol import encode_data, validate_event_name
+from .policy import check_publish, validate_channel
+from .protocol import encode_data, parse_offset, validate_event_name
 from .ratelimit import enforce
 
 
@@ -184,6 +185,94 @@ async def disconnect_user(
     else:
         await hub.disconnect_user(user_id, revoke=False, disconnect=errors.FORCE_RECONNECT)
     return DisconnectOut(user=user_id, revoked=revoke)
+
+
+class HistoryMessage(BaseModel):
+    offset: str
+    seq: int
+    event: str
+    data: JsonValue
+    ts: int
+
+
+class HistoryOut(BaseModel):
+    channel: str
+    offset: str = Field(description="the channel's current top")
+    recovered: bool = Field(
+        description="false when 'since' is older than history keeps (or from another "
+        "epoch): messages were lost, refetch your state"
+    )
+    messages: list[HistoryMessage]
+
+
+class PresenceOut(BaseModel):
+    channel: str
+    connections: int
+    users: dict[str, int] = Field(description="user id -> live connection count")
+
+
+def _may_read(hub: Hub, principal: Principal, channel: str) -> str:
+    """Reading a channel's history or presence needs the right to subscribe to it (or a
+    service key)."""
+    name = validate_channel(channel)
+    if not principal.is_service and not hub.policy.can_subscribe(principal, name):
+        raise HubError(errors.FORBIDDEN, f"not allowed to read {name!r}")
+    return name
+
+
+@router.get(
+    "/api/v1/channels/{channel}/history",
+    response_model=HistoryOut,
+    tags=["channels"],
+    summary="Messages of a channel after an offset (oldest first)",
+    responses={400: {}, 401: {}, 403: {}, 503: {}},
+)
+async def history(
+    channel: str,
+    hub: HubDep,
+    principal: PrincipalDep,
+    since: Annotated[str | None, Query(max_length=64)] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> HistoryOut:
+    name = _may_read(hub, principal, channel)
+    position = parse_offset(since) if since else None
+    try:
+        result = await hub.broker.history(name, since=position, limit=limit)
+    except BrokerUnavailable:
+        raise HubError(errors.UNAVAILABLE, "message broker unavailable", temporary=True) from None
+    return HistoryOut(
+        channel=name,
+        offset=result.position.token(),
+        recovered=result.recovered,
+        messages=[
+            HistoryMessage(
+                offset=pub.position.token(),
+                seq=pub.offset,
+                event=pub.event,
+                data=orjson.loads(pub.data),
+                ts=pub.ts,
+            )
+            for pub in result.publications
+        ],
+    )
+
+
+@router.get(
+    "/api/v1/channels/{channel}/presence",
+    response_model=PresenceOut,
+    tags=["channels"],
+    summary="Who is subscribed to a channel, on every worker",
+    responses={400: {}, 401: {}, 403: {}, 503: {}},
+)
+async def presence(channel: str, hub: HubDep, principal: PrincipalDep) -> PresenceOut:
+    name = _may_read(hub, principal, channel)
+    if not hub.settings.channel_options(name).presence:
+        raise HubError(errors.BAD_REQUEST, f"presence is not enabled for {name!r}")
+    try:
+        snapshot = await hub.presence.snapshot(name)
+    except BrokerUnavailable:
+        raise HubError(errors.UNAVAILABLE, "message broker unavailable", temporary=True) from None
+    return PresenceOut(**snapshot)
 
 
 @router.get("/health", tags=["health"], summary="Liveness: the process answers")

@@ -23,6 +23,7 @@ from .connection import Connection, TransportKind
 from .errors import Disconnect, HubError
 from .metrics import Metrics
 from .policy import ChannelPolicy, check_publish, check_subscribe
+from .presence import PresenceTracker
 from .protocol import Publication, StreamPosition, encode_bye, encode_data, validate_event_name
 from .registry import Registry
 from .settings import Settings
@@ -69,12 +70,14 @@ class Hub:
         self.broker_connected = False
         # Identifies this worker in `connected` frames and X-Herald-Node headers.
         self.node_id = secrets.token_hex(4)
+        self.presence = PresenceTracker(settings, broker, self.node_id, self.publish)
 
     # -- lifecycle --------------------------------------------------------------------------
 
     async def start(self) -> None:
         await self.broker.start(self)
         self.broker_connected = True
+        self._spawn(self.presence.run())
 
     async def drain(self, grace: float | None = None) -> None:
         """Stop accepting, tell every client ``bye`` (reconnect) and wait for them to go."""
@@ -92,6 +95,8 @@ class Hub:
         await self.drain(0 if not self.registry.connections else None)
         for task in list(self._background):
             task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        await self.presence.aclose()
         await self.broker.aclose()
 
     def _spawn(self, coro: Any) -> None:
@@ -195,6 +200,8 @@ class Hub:
         if conn.closed is not None:  # counted once, whoever closed it
             self.metrics.disconnects.labels(conn.closed.reason).inc()
         subs = len(conn.channels)
+        for channel in conn.channels:
+            self.presence.left(conn, channel)
         emptied = self.registry.remove(conn)
         self.metrics.connections.labels(conn.transport).dec()
         self.metrics.subscriptions.dec(subs)
@@ -297,10 +304,12 @@ class Hub:
         # written: the writer advances it per message (an SSE cursor sent before the replay
         # reaches the client must not skip it).
         conn.positions[name] = after
+        self.presence.joined(conn, name)
         return result
 
     def _drop_subscription(self, conn: Connection, channel: str) -> None:
         if channel in conn.channels:
+            self.presence.left(conn, channel)
             self.metrics.subscriptions.dec()
             if self.registry.unsubscribe(conn, channel):
                 self._spawn(self._reconcile(channel))

@@ -11,7 +11,7 @@ import secrets
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 MIN_SECRET_LENGTH = 32
@@ -26,6 +26,28 @@ def _split_csv(value: object) -> object:
     if isinstance(value, str):
         return [item.strip() for item in value.split(",") if item.strip()]
     return value
+
+
+class NamespaceOptions(BaseModel):
+    """Overrides for the channels of one namespace (the part of a name before ``:``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    history_size: int | None = Field(default=None, ge=0)
+    history_ttl: int | None = Field(default=None, ge=1)
+    presence: bool | None = None
+    join_leave: bool = False
+
+
+class ChannelOptions(BaseModel):
+    """What applies to one channel once defaults and its namespace are combined."""
+
+    model_config = ConfigDict(frozen=True)
+
+    history_size: int
+    history_ttl: int
+    presence: bool
+    join_leave: bool
 
 
 class Settings(BaseSettings):
@@ -78,7 +100,10 @@ class Settings(BaseSettings):
 
     history_size: int = Field(default=1000, ge=0)
     history_ttl: int = Field(default=24 * 3600, ge=1)
-    presence_ttl: int = Field(default=60, ge=5)
+    presence: bool = False
+    presence_ttl: int = Field(default=30, ge=1)
+    # JSON, e.g. {"public": {"history_size": 100, "presence": true, "join_leave": true}}
+    namespaces: dict[str, NamespaceOptions] = Field(default_factory=dict)
 
     @field_validator("service_keys", "allowed_origins", mode="before")
     @classmethod
@@ -99,6 +124,16 @@ class Settings(BaseSettings):
         if key is not None and len(key.get_secret_value()) < MIN_SECRET_LENGTH:
             raise ValueError(f"must be at least {MIN_SECRET_LENGTH} characters")
         return key
+
+    @field_validator("namespaces")
+    @classmethod
+    def _namespace_names(cls, value: dict[str, NamespaceOptions]) -> dict[str, NamespaceOptions]:
+        import re
+
+        for name in value:
+            if not re.fullmatch(r"[A-Za-z0-9_\-]{1,32}", name):
+                raise ValueError(f"namespace {name!r} is not a valid channel kind")
+        return value
 
     @field_validator("redis_url")
     @classmethod
@@ -123,6 +158,30 @@ class Settings(BaseSettings):
         return self
 
     # -- derived values -------------------------------------------------------------------
+
+    def channel_options(self, channel: str) -> ChannelOptions:
+        """History and presence settings of ``channel`` (its namespace's overrides first)."""
+        ns = self.namespaces.get(channel.partition(":")[0])
+        if ns is None:
+            return ChannelOptions(
+                history_size=self.history_size,
+                history_ttl=self.history_ttl,
+                presence=self.presence,
+                join_leave=False,
+            )
+        return ChannelOptions(
+            history_size=self.history_size if ns.history_size is None else ns.history_size,
+            history_ttl=self.history_ttl if ns.history_ttl is None else ns.history_ttl,
+            presence=self.presence if ns.presence is None else ns.presence,
+            join_leave=ns.join_leave,
+        )
+
+    def history_overrides(self) -> dict[str, tuple[int, int]]:
+        return {
+            name: (opts.history_size, opts.history_ttl)
+            for name in self.namespaces
+            for opts in [self.channel_options(name)]
+        }
 
     @property
     def broker_url(self) -> str:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .base import (
     Broker,
@@ -33,6 +33,17 @@ class BrokerConfig:
     prefix: str = "herald"
     history_size: int = 1000
     history_ttl: int = 24 * 3600
+    # Per-namespace overrides: namespace (the part of a channel before ':') ->
+    # (history_size, history_ttl).
+    history_overrides: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+    def history_limits(self, channel: str) -> tuple[int, int]:
+        """``(history_size, history_ttl)`` for ``channel``, its namespace's if it has one."""
+        if self.history_overrides:
+            override = self.history_overrides.get(channel.partition(":")[0])
+            if override is not None:
+                return override
+        return self.history_size, self.history_ttl
 
 
 def create_broker(config: BrokerConfig) -> Broker:

@@ -9,7 +9,7 @@ Backends: :class:`hub.broker.memory.MemoryBroker` (one process) and
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -138,3 +138,16 @@ class Broker(Protocol):
     async def rate_limit(self, key: str, *, rate: float, burst: int) -> RateLimitResult:
         """Take one token from the bucket ``key`` (shared by all processes): ``rate``
         tokens per second, at most ``burst`` stored (GCRA)."""
+
+    async def presence_update(self, updates: Mapping[str, Mapping[str, str]], ttl: int) -> None:
+        """Mark clients present, in one round trip: ``updates[channel][client_id] =
+        user_id``. Each entry expires ``ttl`` seconds from now unless updated again, so
+        the entries of a process that died vanish by themselves."""
+
+    async def presence_remove(self, channel: str, client_ids: Sequence[str]) -> None:
+        """Remove clients from a channel's presence (they left). Never fails loudly for
+        unknown ids."""
+
+    async def presence(self, channel: str) -> dict[str, str]:
+        """The live presence of ``channel``: client id -> user id, expired entries
+        excluded (and cleaned up)."""

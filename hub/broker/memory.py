@@ -7,7 +7,7 @@ import math
 import secrets
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -37,6 +37,8 @@ class MemoryBroker:
         self._subscribed: set[str] = set()
         self._not_before: dict[str, tuple[float, float]] = {}
         self._buckets: dict[str, float] = {}  # GCRA theoretical arrival times
+        # channel -> client id -> (user id, expires at, monotonic)
+        self._presence: dict[str, dict[str, tuple[str, float]]] = {}
         self._closed = False
 
     @property
@@ -63,11 +65,12 @@ class MemoryBroker:
             stream = self._streams[channel] = _ChannelStream(epoch=secrets.token_hex(4))
         return stream
 
-    def _trim(self, stream: _ChannelStream, now: float) -> None:
+    def _trim(self, channel: str, stream: _ChannelStream, now: float) -> None:
+        size, ttl = self._config.history_limits(channel)
         entries = stream.entries
-        while len(entries) > self._config.history_size:
+        while len(entries) > size:
             entries.popleft()
-        horizon = now - self._config.history_ttl
+        horizon = now - ttl
         while entries and entries[0][0] < horizon:
             entries.popleft()
 
@@ -76,9 +79,9 @@ class MemoryBroker:
         stream = self._stream(channel)
         stream.offset += 1
         pub = Publication(channel, stream.offset, stream.epoch, event, data, int(now * 1000))
-        if self._config.history_size > 0:
+        if self._config.history_limits(channel)[0] > 0:
             stream.entries.append((now, pub))
-            self._trim(stream, now)
+            self._trim(channel, stream, now)
         if channel in self._subscribed and self._handler is not None and not self._closed:
             self._handler.on_publication(pub)
         return pub
@@ -93,7 +96,7 @@ class MemoryBroker:
         self, channel: str, *, since: StreamPosition | None = None, limit: int | None = None
     ) -> HistoryResult:
         stream = self._stream(channel)
-        self._trim(stream, time.time())
+        self._trim(channel, stream, time.time())
         top = StreamPosition(stream.offset, stream.epoch)
         retained = [pub for _, pub in stream.entries]
         if since is not None:
@@ -151,6 +154,31 @@ class MemoryBroker:
                 del self._buckets[stale]
         remaining = max(0, math.floor((tolerance - (new_tat - now)) / interval) + 1)
         return RateLimitResult(True, burst, remaining, 0.0, new_tat - now)
+
+    async def presence_update(self, updates: Mapping[str, Mapping[str, str]], ttl: int) -> None:
+        expires = time.monotonic() + ttl
+        for channel, members in updates.items():
+            entries = self._presence.setdefault(channel, {})
+            for client, user in members.items():
+                entries[client] = (user, expires)
+
+    async def presence_remove(self, channel: str, client_ids: Sequence[str]) -> None:
+        entries = self._presence.get(channel)
+        if entries is None:
+            return
+        for client in client_ids:
+            entries.pop(client, None)
+        if not entries:
+            del self._presence[channel]
+
+    async def presence(self, channel: str) -> dict[str, str]:
+        entries = self._presence.get(channel)
+        if not entries:
+            return {}
+        now = time.monotonic()
+        for client in [c for c, (_, exp) in entries.items() if exp <= now]:
+            del entries[client]
+        return {client: user for client, (user, _) in entries.items()}
 
 
 _conforms: type[Broker] = MemoryBroker
