@@ -36,6 +36,11 @@ class ApiSettings(BaseSettings):
     database_echo: bool = False
     database_pool_size: int = Field(default=10, ge=1, le=200)
 
+    # Argon2id cost; the defaults follow RFC 9106's second recommendation.
+    argon2_time_cost: int = Field(default=3, ge=1, le=20)
+    argon2_memory_kib: int = Field(default=65536, ge=1024)
+    argon2_parallelism: int = Field(default=4, ge=1, le=16)
+
     avatar_max_bytes: int = Field(default=5 * 1024 * 1024, ge=1024)
 
     # Token buckets shared by all workers through the broker (rate per second, burst).

@@ -75,9 +75,7 @@ def _e164(value: str) -> str:
     try:
         number = phonenumbers.parse(value, None)
     except phonenumbers.NumberParseException:
-        raise ValueError(
-            "phone must be in international E.164 form, e.g. +14155550123"
-        ) from None
+        raise ValueError("phone must be in international E.164 form, e.g. +14155550123") from None
     if not phonenumbers.is_valid_number(number):
         raise ValueError("phone is not a valid number")
     return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)

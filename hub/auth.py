@@ -19,6 +19,7 @@ from typing import Literal
 import jwt
 
 from . import errors
+from .broker.base import BrokerUnavailable
 from .errors import HubError
 
 ALGORITHM = "HS256"
@@ -99,7 +100,8 @@ class TokenService:
         claims: dict[str, object] = {
             "sub": str(subject),
             "role": role,
-            "iat": int(now),
+            # Fractional: a revocation at time T must not refuse a token issued at T + 0.2 s.
+            "iat": round(now, 3),
             "nbf": int(now) - 1,
             "exp": int(now) + ttl,
             "jti": uuid.uuid4().hex,
@@ -194,7 +196,8 @@ class Authenticator:
         return credential.count(".") == 2 and credential.startswith("eyJ")
 
     async def authenticate(self, credential: str, *, token_type: TokenType = "access") -> Principal:
-        """Verify a bearer credential or raise ``HubError(unauthorized|token_expired)``."""
+        """Verify a bearer credential or raise ``HubError(unauthorized|token_expired)``
+        (``unavailable``, temporary, when revocation cannot be checked)."""
         if self.looks_like_jwt(credential):
             return await self.authenticate_token(credential, token_type=token_type)
         principal = await self.authenticate_service_key(credential)
@@ -214,7 +217,13 @@ class Authenticator:
     async def check_not_revoked(self, principal: Principal) -> None:
         if self._revocation is None or principal.kind != "user":
             return
-        not_before = await self._revocation(principal.subject)
+        try:
+            not_before = await self._revocation(principal.subject)
+        except BrokerUnavailable:
+            # Fail closed, but as a temporary error: the client should retry, not give up.
+            raise HubError(
+                errors.UNAVAILABLE, "cannot check the token now, retry shortly", temporary=True
+            ) from None
         if not_before is not None and (principal.issued_at or 0) <= not_before:
             raise HubError(errors.UNAUTHORIZED, "token was revoked")
 

@@ -12,8 +12,8 @@ import asyncio
 from alembic import context
 from sqlalchemy.engine import Connection
 
-from api.db import create_engine
-from api.models import Base
+import api.models  # noqa: F401  (registers the tables)
+from api.db import Base, create_engine
 
 config = context.config
 target_metadata = Base.metadata

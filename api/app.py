@@ -1,0 +1,129 @@
+"""The product app: the hub with the users API mounted (``herald serve`` runs this).
+
+:class:`UsersApi` is a hub extension. Its lifespan, entered after the hub started,
+opens the database, prepares the schema (migrates in development, refuses an outdated
+schema in production), plugs stored API keys into the hub's authenticator and adds a
+database readiness check; it closes the database before the hub drains.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from fastapi import FastAPI
+from sqlalchemy import text
+from sqlalchemy.exc import SQLAlchemyError
+
+from hub import errors as hub_errors
+from hub.app import create_app as create_hub_app
+from hub.auth import Principal
+from hub.errors import HubError
+from hub.hub import Hub
+from hub.settings import Settings
+
+from .context import ApiContext
+from .db import Database
+from .errors import install_error_handlers
+from .events import HubPublisher, Publisher
+from .migrate import SchemaOutdated, prepare_schema
+from .routers import api_keys, auth, users
+from .security import Passwords
+from .services import api_keys as api_key_service
+from .settings import ApiSettings
+from .storage import AvatarStorage
+
+logger = logging.getLogger("herald.api")
+
+PublisherFactory = Callable[[Hub], Publisher]
+
+
+class UsersApi:
+    """The users API as a hub extension (see :class:`hub.app.Extension`)."""
+
+    def __init__(
+        self,
+        api_settings: ApiSettings | None = None,
+        *,
+        publisher_factory: PublisherFactory = HubPublisher,
+    ) -> None:
+        self._api_settings = api_settings
+        self._publisher_factory = publisher_factory
+
+    def install(self, app: FastAPI) -> None:
+        app.include_router(auth.router)
+        app.include_router(users.router)
+        app.include_router(api_keys.router)
+        install_error_handlers(app)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app: FastAPI) -> AsyncIterator[None]:
+        settings: Settings = app.state.settings
+        hub: Hub = app.state.hub
+        api_settings = self._api_settings or ApiSettings()
+        db = Database.from_url(
+            settings.effective_database_url,
+            echo=api_settings.database_echo,
+            pool_size=api_settings.database_pool_size,
+        )
+        try:
+            try:
+                await prepare_schema(db.engine, migrate=api_settings.auto_migrate_for(settings))
+            except SchemaOutdated as exc:
+                logger.error("herald: %s", exc)
+                raise
+            app.state.api = ApiContext(
+                settings=settings,
+                api_settings=api_settings,
+                hub=hub,
+                db=db,
+                passwords=Passwords(
+                    time_cost=api_settings.argon2_time_cost,
+                    memory_kib=api_settings.argon2_memory_kib,
+                    parallelism=api_settings.argon2_parallelism,
+                ),
+                avatars=AvatarStorage(
+                    settings.data_dir / "avatars", max_bytes=api_settings.avatar_max_bytes
+                ),
+                publisher=self._publisher_factory(hub),
+            )
+            hub.authenticator.add_service_key_verifier(_key_verifier(db))
+            checks = getattr(app.state, "readiness_checks", None)
+            if isinstance(checks, dict):
+                checks["database"] = _database_check(db)
+            yield
+        finally:
+            await db.aclose()
+
+
+def _key_verifier(db: Database) -> Callable[[str], Awaitable[Principal | None]]:
+    async def verify(key: str) -> Principal | None:
+        try:
+            async with db.session() as session:
+                return await api_key_service.verify(session=session, key=key)
+        except SQLAlchemyError:
+            logger.exception("API key lookup failed")
+            raise HubError(
+                hub_errors.UNAVAILABLE,
+                "credential store unavailable, retry shortly",
+                temporary=True,
+            ) from None
+
+    return verify
+
+
+def _database_check(db: Database) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        async with db.engine.connect() as connection:
+            await connection.execute(text("SELECT 1"))
+        return True
+
+    return check
+
+
+def create_app(
+    settings: Settings | None = None, *, api_settings: ApiSettings | None = None
+) -> FastAPI:
+    """The hub and the users API in one ASGI app (the factory ``herald serve`` runs)."""
+    return create_hub_app(settings, extensions=[UsersApi(api_settings)])
