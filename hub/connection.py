@@ -33,6 +33,7 @@ class Connection:
         "_bytes",
         "_closed_event",
         "_expiry_timer",
+        "_floors",
         "_on_overflow",
         "_outbox",
         "_recovering",
@@ -70,6 +71,10 @@ class Connection:
         self._wakeup = asyncio.Event()
         self._closed_event = asyncio.Event()
         self._recovering: dict[str, list[EncodedMessage]] = {}
+        # Per channel, the position queued when its subscription became live: live
+        # publications at or below it (still in flight when the subscribe read the top,
+        # or already replayed) are dropped, once; the entry goes at the first newer one.
+        self._floors: dict[str, StreamPosition] = {}
         self._expiry_timer: asyncio.TimerHandle | None = None
         self._on_overflow = on_overflow
 
@@ -93,6 +98,13 @@ class Connection:
         if pending is not None:
             pending.append(message)
             return
+        if self._floors:
+            pub = message.publication
+            floor = self._floors.get(pub.channel)
+            if floor is not None:
+                if pub.epoch == floor.epoch and pub.offset <= floor.offset:
+                    return
+                del self._floors[pub.channel]
         self._push(message, len(message.envelope))
 
     def enqueue_control(self, frame: bytes) -> None:
@@ -166,6 +178,8 @@ class Connection:
                 continue
             self._push(message, len(message.envelope))
             last = pub.position
+        if last is not None:
+            self._floors[channel] = last
         return last
 
     def abort_recovery(self, channel: str) -> None:

@@ -18,6 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
 
 from . import errors
+from .broker.base import BrokerUnavailable
 from .errors import HubError
 
 logger = logging.getLogger("herald.http")
@@ -130,6 +131,17 @@ def install_error_handlers(app: FastAPI) -> None:
             headers=exc.headers,
         )
 
+    async def broker_unavailable(request: Request, exc: Exception) -> OrjsonResponse:
+        # Any route that touches the broker (rate limits, revocation, commands) while
+        # Redis is down: a temporary 503, never a 500 with Redis's text.
+        return error_response(
+            503,
+            errors.UNAVAILABLE,
+            "message broker unavailable, retry shortly",
+            request_id=request_id_of(request),
+            headers={"Retry-After": "1"},
+        )
+
     async def unhandled(request: Request, exc: Exception) -> OrjsonResponse:
         logger.exception("unhandled error (request %s)", request_id_of(request))
         return error_response(
@@ -137,6 +149,7 @@ def install_error_handlers(app: FastAPI) -> None:
         )
 
     app.add_exception_handler(HubError, hub_error)
+    app.add_exception_handler(BrokerUnavailable, broker_unavailable)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(Exception, unhandled)

@@ -20,6 +20,9 @@ class Registry:
         # Last position fanned out per channel: drops duplicates after a resync and
         # tells the resync where to read history from.
         self._positions: dict[str, StreamPosition] = {}
+        # Channels whose position was only noted at subscribe time (nothing fanned out
+        # since): concurrent first subscribers keep the lowest of their tops.
+        self._noted: set[str] = set()
         # Channels whose missed messages are being read from history after a broker
         # reconnect: live publications wait here meanwhile.
         self._syncing: dict[str, list[Publication]] = {}
@@ -81,6 +84,7 @@ class Registry:
             return False
         del self._by_channel[channel]
         self._positions.pop(channel, None)
+        self._noted.discard(channel)
         return True
 
     def has_subscribers(self, channel: str) -> bool:
@@ -96,11 +100,24 @@ class Registry:
         return self._positions.get(channel)
 
     def note_position(self, channel: str, position: StreamPosition) -> None:
-        """Record a channel top learnt at subscribe time (never moves backwards)."""
+        """Record the top a subscriber learnt at subscribe time, if nothing is known yet.
+
+        Never moves a known position forward: publications up to a newcomer's top may
+        still be on their way to this worker, and the channel's other subscribers must
+        get them (each connection itself drops what precedes its own subscription). Nor
+        across epochs: a resync must see that the older subscribers' history was lost.
+        """
         if channel not in self._by_channel:
             return
         known = self._positions.get(channel)
-        if known is None or known.epoch != position.epoch or known.offset < position.offset:
+        if known is None:
+            self._positions[channel] = position
+            self._noted.add(channel)
+        elif (
+            channel in self._noted
+            and known.epoch == position.epoch
+            and position.offset < known.offset
+        ):
             self._positions[channel] = position
 
     def fanout(self, publication: Publication) -> int:
@@ -121,6 +138,8 @@ class Registry:
         ):
             return 0  # already delivered (a resync replayed it)
         self._positions[channel] = publication.position
+        if self._noted:
+            self._noted.discard(channel)
         message = encode_message(publication)
         # enqueue never mutates the registry (an overflowing connection is only marked
         # closed; its handler task removes it later), so no copy is needed.

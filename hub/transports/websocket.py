@@ -123,7 +123,7 @@ class WebSocketSession:
             try:
                 return await self.hub.authenticator.authenticate(credential), None
             except HubError as exc:
-                raise _Refused(errors.UNAUTHORIZED_DISCONNECT, exc) from None
+                raise _Refused(_auth_disconnect(exc), exc) from None
         try:
             async with asyncio.timeout(self.settings.auth_timeout):
                 message = await self._receive()
@@ -143,7 +143,7 @@ class WebSocketSession:
                 raise HubError(errors.UNAUTHORIZED, 'the first frame must be {"op":"auth"}')
             return await self.hub.authenticator.authenticate(frame.token), frame.id
         except HubError as exc:
-            raise _Refused(errors.UNAUTHORIZED_DISCONNECT, exc, request_id) from None
+            raise _Refused(_auth_disconnect(exc), exc, request_id) from None
 
     async def _serve(self, conn: Connection) -> None:
         reader = asyncio.ensure_future(self._read_loop(conn))
@@ -281,6 +281,13 @@ class WebSocketSession:
         disconnect = conn.closed
         if disconnect is not None and disconnect.reason not in ("client_closed", "client_gone"):
             await self._goodbye(disconnect)
+
+
+def _auth_disconnect(error: HubError) -> Disconnect:
+    """Failed auth is terminal (4501), unless the broker was down: then retry (4007)."""
+    if error.code == errors.UNAVAILABLE:
+        return errors.BROKER_UNAVAILABLE
+    return errors.UNAUTHORIZED_DISCONNECT
 
 
 class _Refused(Exception):
