@@ -150,6 +150,11 @@ class Settings(BaseSettings):
                 f"(at least {MIN_SECRET_LENGTH} random characters; "
                 "for example: python -c 'import secrets; print(secrets.token_urlsafe(48))')"
             )
+        if self.outbox_max_bytes < self.max_frame_bytes:
+            raise ValueError(
+                "HERALD_OUTBOX_MAX_BYTES must be at least HERALD_MAX_MESSAGE_BYTES + 4096, "
+                "or a single large message would disconnect even a fast reader"
+            )
         if self.workers > 1 and self.redis_url is None:
             raise ValueError(
                 "HERALD_WORKERS > 1 needs HERALD_REDIS_URL: with the in-memory broker every "

@@ -24,7 +24,7 @@ import httpx
 SECRET = "test-secret-" + "x" * 40
 SERVICE_KEY = "svc-test-key-0123456789abcdef"
 ADMIN_SERVICE_KEY = "svc-admin-key-0123456789abcdef"
-DEFAULT_APP = "hub.app:create_app"
+DEFAULT_APP = "api.app:create_app"
 
 
 def free_port() -> int:
@@ -34,7 +34,8 @@ def free_port() -> int:
 
 
 def child_pids(pid: int) -> list[int]:
-    """Direct children of ``pid`` (uvicorn's worker processes)."""
+    """Direct children of ``pid`` that are uvicorn workers (not multiprocessing's
+    resource tracker)."""
     children = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -45,7 +46,13 @@ def child_pids(pid: int) -> list[int]:
             continue
         # pid (comm) state ppid ...
         fields = stat.rsplit(")", 1)[1].split()
-        if int(fields[1]) == pid:
+        if int(fields[1]) != pid:
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"resource_tracker" not in cmdline:
             children.append(int(entry.name))
     return sorted(children)
 

@@ -492,14 +492,5 @@ def metric(
 
 
 def worker_pids(herald: HeraldProcess) -> list[int]:
-    """The uvicorn worker processes only: ``HeraldProcess.worker_pids()`` also lists the
-    supervisor's ``multiprocessing`` resource tracker, which is not a worker."""
-    workers = []
-    for pid in herald.worker_pids():
-        try:
-            cmdline = open(f"/proc/{pid}/cmdline", "rb").read()
-        except OSError:
-            continue
-        if b"resource_tracker" not in cmdline:
-            workers.append(pid)
-    return workers
+    """The uvicorn worker processes."""
+    return herald.worker_pids()

@@ -188,3 +188,8 @@ def test_empty_or_short_dev_secret_file_is_refused_not_used(tmp_path: Path, cont
 def test_dev_secret_leaves_no_temporary_files(tmp_path: Path) -> None:
     Settings(_env_file=None, data_dir=tmp_path).signing_key()
     assert [p.name for p in tmp_path.iterdir()] == [DEV_SECRET_FILE]
+
+
+def test_outbox_smaller_than_one_message_is_refused() -> None:
+    with pytest.raises(SettingsError, match="HERALD_OUTBOX_MAX_BYTES"):
+        load_settings(_env_file=None, outbox_max_bytes=8192, max_message_bytes=65536)
