@@ -18,6 +18,7 @@ from collections.abc import Sequence
 
 from pydantic import ValidationError
 
+from clients import cli as clients_cli
 from hub import cli as hub_cli
 from hub.settings import Settings, SettingsError, load_settings
 
@@ -177,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="herald", description="Herald real-time hub")
     sub = parser.add_subparsers(dest="command", required=True)
     hub_cli.add_commands(sub)
+    clients_cli.add_commands(sub)
 
     db = sub.add_parser("db", help="database schema")
     db_sub = db.add_subparsers(dest="db_command", required=True)

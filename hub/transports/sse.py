@@ -47,11 +47,22 @@ SSE_HEADERS = {
 class SSEStream:
     """The writer of one SSE connection: turns outbox batches into event bytes."""
 
-    def __init__(self, hub: Hub, conn: Connection, channels: list[str], connected: bytes) -> None:
+    def __init__(
+        self,
+        hub: Hub,
+        conn: Connection,
+        channels: list[str],
+        connected: bytes,
+        *,
+        named_events: bool = True,
+    ) -> None:
         self.hub = hub
         self.conn = conn
         self.channels = channels
         self._connected = connected
+        # Browsers' EventSource only hears event names it listens for by name; with
+        # ?named=0 every message is sent as the default "message" event instead.
+        self._named = named_events
 
     def cursor(self) -> str:
         positions = [self.conn.positions.get(ch) for ch in self.channels]
@@ -79,7 +90,8 @@ class SSEStream:
                     continue
                 pub = item.publication
                 positions[pub.channel] = pub.position
-                chunks.append(protocol.sse_event(pub.event, item.envelope, self.cursor()))
+                name = pub.event if self._named else "message"
+                chunks.append(protocol.sse_event(name, item.envelope, self.cursor()))
                 count += 1
             yield b"".join(chunks)
             delivered.inc(count)
@@ -205,7 +217,8 @@ async def _stream(
             "expires_at": conn.principal.expires_at,
         }
     )
-    stream = SSEStream(hub, conn, channels, connected)
+    named = request.query_params.get("named", "1").lower() not in ("0", "false", "no")
+    stream = SSEStream(hub, conn, channels, connected, named_events=named)
     settings = hub.settings
     event_source = EventSourceResponse(
         stream.events(),
