@@ -11,8 +11,13 @@ Keys (cluster-safe: every key a script touches for channel ``C`` carries the has
     <prefix>:ch:{C}        pub/sub channel of C (same slot as its keys: ready for SPUBLISH)
     <prefix>:control       pub/sub channel of control commands (every worker)
     <prefix>:canary:<id>   pub/sub channel of this worker's delivery canary
+    <prefix>:presence:{C}      hash  client id -> user id        TTL: its newest entry's
+    <prefix>:presence-exp:{C}  zset  client id -> expiry (ms)     TTL: its newest entry's
     <prefix>:nbf:<user>    string, revocation timestamp, EX ttl
     <prefix>:rl:<key>      string, GCRA theoretical arrival time (us), PX until full again
+
+History size and TTL are per channel: its namespace's (``BrokerConfig.history_overrides``)
+or the defaults, passed to the scripts as arguments (one script serves every namespace).
 
 Publish is one Lua script: create the epoch if the meta hash is missing (a random
 candidate passed as ARGV, so it is new whenever the hash was lost; the stale stream is
@@ -49,6 +54,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import math
 import os
@@ -56,7 +62,7 @@ import random
 import secrets
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -214,6 +220,44 @@ if remaining < 0 then remaining = 0 end
 return {1, remaining, 0, math.ceil(new_tat - now_us)}
 """
 
+# Presence of one channel: a hash client -> user and a sorted set client -> expiry (ms of
+# server time). KEYS[1] hash, KEYS[2] sorted set; ARGV[1] TTL (ms), then client, user pairs.
+# Both keys live as long as their longest-lived entry.
+_PRESENCE_UPDATE_LUA = """
+local now = redis.call('TIME')
+local ttl = tonumber(ARGV[1])
+local expire_at = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) + ttl
+local scored, fields = {}, {}
+for i = 2, #ARGV, 2 do
+  scored[#scored + 1] = expire_at
+  scored[#scored + 1] = ARGV[i]
+  fields[#fields + 1] = ARGV[i]
+  fields[#fields + 1] = ARGV[i + 1]
+  if #fields >= 1000 or i + 1 >= #ARGV then
+    redis.call('ZADD', KEYS[2], unpack(scored))
+    redis.call('HSET', KEYS[1], unpack(fields))
+    scored, fields = {}, {}
+  end
+end
+for _, key in ipairs(KEYS) do
+  if redis.call('PTTL', key) < ttl then redis.call('PEXPIRE', key, ttl) end
+end
+return 0
+"""
+
+# KEYS[1] hash, KEYS[2] sorted set. Drops expired entries, returns {client, user, ...}.
+_PRESENCE_GET_LUA = """
+local now = redis.call('TIME')
+local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+while true do
+  local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now_ms, 'LIMIT', 0, 1000)
+  if #expired == 0 then break end
+  redis.call('ZREM', KEYS[2], unpack(expired))
+  redis.call('HDEL', KEYS[1], unpack(expired))
+end
+return redis.call('HGETALL', KEYS[1])
+"""
+
 _KIND_SUBSCRIBE = b"subscribe"
 _KIND_UNSUBSCRIBE = b"unsubscribe"
 _KIND_PONG = b"pong"
@@ -249,17 +293,25 @@ class RedisBroker:
         max_connections: int = 64,
         meta_ttl: int = 30 * 24 * 3600,
     ) -> None:
-        if config.history_size < 0 or config.history_ttl < 1:
-            raise ValueError("history_size must be >= 0 and history_ttl >= 1 second")
+        for size, ttl in [
+            (config.history_size, config.history_ttl),
+            *config.history_overrides.values(),
+        ]:
+            if size < 0 or ttl < 1:
+                raise ValueError("history sizes must be >= 0 and history TTLs >= 1 second")
         self._config = config
         self._connect_timeout = connect_timeout
         self._command_timeout = command_timeout
         self._health_interval = health_check_interval
         self._health_timeout = health_check_timeout
         self._backoff_base, self._backoff_cap = reconnect_backoff
-        self._history_size = str(config.history_size)
-        self._history_ttl_ms = str(config.history_ttl * 1000)
-        self._meta_ttl_ms = str(max(meta_ttl, config.history_ttl) * 1000)
+        self._meta_ttl = meta_ttl
+        # (history size, history TTL ms, meta TTL ms) as script arguments, per namespace
+        self._limits_default = self._script_limits(config.history_size, config.history_ttl)
+        self._limits_by_namespace = {
+            namespace: self._script_limits(size, ttl)
+            for namespace, (size, ttl) in config.history_overrides.items()
+        }
 
         prefix = config.prefix
         self._prefix = prefix
@@ -294,6 +346,8 @@ class RedisBroker:
         self._position_script = self._redis.register_script(_POSITION_LUA)
         self._history_script = self._redis.register_script(_HISTORY_LUA)
         self._rate_limit_script = self._redis.register_script(_RATE_LIMIT_LUA)
+        self._presence_update_script = self._redis.register_script(_PRESENCE_UPDATE_LUA)
+        self._presence_get_script = self._redis.register_script(_PRESENCE_GET_LUA)
 
         # The pub/sub connection: RESP2 (plain lists, no push handlers), no read timeout.
         self._sub_class = connection_class
@@ -325,7 +379,19 @@ class RedisBroker:
         self._canaries: dict[bytes, asyncio.Future[None]] = {}
         self._last_failure_log: dict[str, float] = {}
 
-    # -- keys -------------------------------------------------------------------------------
+    # -- keys and limits --------------------------------------------------------------------
+
+    def _script_limits(self, size: int, ttl: int) -> tuple[str, str, str]:
+        return str(size), str(ttl * 1000), str(max(self._meta_ttl, ttl) * 1000)
+
+    def _limits(self, channel: str) -> tuple[str, str, str]:
+        """History size, history TTL (ms) and meta TTL (ms) of ``channel``: its
+        namespace's (the part before ``:``) when the config overrides it."""
+        if self._limits_by_namespace:
+            limits = self._limits_by_namespace.get(channel.partition(":")[0])
+            if limits is not None:
+                return limits
+        return self._limits_default
 
     def _channel_keys(self, channel: str) -> tuple[str, str, str]:
         if "{" in channel or "}" in channel:
@@ -333,6 +399,12 @@ class RedisBroker:
         tag = "{" + channel + "}"
         p = self._prefix
         return f"{p}:meta:{tag}", f"{p}:stream:{tag}", f"{p}:ch:{tag}"
+
+    def _presence_keys(self, channel: str) -> list[str]:
+        if "{" in channel or "}" in channel:
+            raise ValueError("channel names must not contain braces")
+        tag = "{" + channel + "}"
+        return [f"{self._prefix}:presence:{tag}", f"{self._prefix}:presence-exp:{tag}"]
 
     def _pubsub_key(self, channel: str) -> bytes:
         return self._channel_keys(channel)[2].encode()
@@ -705,10 +777,6 @@ class RedisBroker:
             logger.warning("malformed publication on %r ignored", channel)
             return
         handler = self._handler
-        last = getattr(self, "_dbg", {}).get(channel)
-        if last is not None and last[1] == publication.epoch and last[0] + 1 != publication.offset:
-            logger.warning("DBG GAP on %s: %s -> %s", channel, last[0], publication.offset)
-        self.__dict__.setdefault("_dbg", {})[channel] = (publication.offset, publication.epoch)
         if handler is None:
             return
         try:
@@ -739,11 +807,12 @@ class RedisBroker:
         if "\n" in event:
             raise ValueError("event names must not contain newlines")
         meta, stream, pubsub = self._channel_keys(channel)
+        size, ttl_ms, meta_ttl_ms = self._limits(channel)
         args: list[Any] = [
             self._epoch_candidate(),
-            self._meta_ttl_ms,
-            self._history_size,
-            self._history_ttl_ms,
+            meta_ttl_ms,
+            size,
+            ttl_ms,
             pubsub,
             event,
             data,
@@ -765,39 +834,52 @@ class RedisBroker:
         if not requests:
             return []
         prepared = [self._publish_args(r.channel, r.event, r.data) for r in requests]
+        results = await self._run_script_batch("publish_batch", _PUBLISH_LUA, prepared)
+        return [
+            self._publication(r.channel, r.event, r.data, result)
+            for r, result in zip(requests, results, strict=True)
+        ]
+
+    async def _run_script_batch(
+        self, op: str, script: str, calls: Sequence[tuple[Sequence[str], Sequence[Any]]]
+    ) -> list[Any]:
+        """Run ``script`` once per ``(keys, args)`` in one pipeline (one round trip).
+
+        ``SCRIPT LOAD`` goes first in the same round trip, so the ``EVALSHA`` calls after it
+        cannot miss the script even right after a Redis restart, and nothing is retried
+        (a retry could reorder or duplicate). Raises :class:`BrokerUnavailable` if any call
+        failed; the calls before it took effect.
+        """
         pipe = self._redis.pipeline(transaction=False)
-        # SCRIPT LOAD first, in the same round trip: the EVALSHAs after it cannot miss the
-        # script even right after a Redis restart (and no retry can reorder the batch).
-        pipe.script_load(_PUBLISH_LUA)
-        sha = self._publish_script.sha
-        for keys, args in prepared:
-            pipe.evalsha(sha, len(keys), *keys, *args)
-        with self._guard("publish_batch"):
+        pipe.script_load(script)
+        sha = _sha1(script)
+        for keys, args in calls:
+            pipe.execute_command("EVALSHA", sha, len(keys), *keys, *args)
+        with self._guard(op):
             results = await pipe.execute(raise_on_error=False)
         failures = [r for r in results if isinstance(r, Exception)]
         if failures:
             done = sum(1 for r in results[1:] if not isinstance(r, Exception))
             logger.error(
-                "redis publish_batch: %d of %d published; first error: %s",
+                "redis %s: %d of %d calls done; first error: %s",
+                op,
                 done,
-                len(requests),
+                len(calls),
                 self._describe(failures[0]),
             )
-            raise BrokerUnavailable(f"redis publish_batch failed after {done} publications")
-        return [
-            self._publication(r.channel, r.event, r.data, result)
-            for r, result in zip(requests, results[1:], strict=True)
-        ]
+            raise BrokerUnavailable(f"redis {op} failed after {done} of {len(calls)} calls")
+        return list(results[1:])
 
     async def history(
         self, channel: str, *, since: StreamPosition | None = None, limit: int | None = None
     ) -> HistoryResult:
         meta, stream, _ = self._channel_keys(channel)
+        size, ttl_ms, meta_ttl_ms = self._limits(channel)
         args: list[str | int] = [
             self._epoch_candidate(),
-            self._meta_ttl_ms,
-            self._history_size,
-            self._history_ttl_ms,
+            meta_ttl_ms,
+            size,
+            ttl_ms,
             "" if since is None else str(since.offset),
             "" if since is None else since.epoch,
             -1 if limit is None else max(limit, 0),
@@ -822,7 +904,7 @@ class RedisBroker:
         meta, stream, _ = self._channel_keys(channel)
         with self._guard("position"):
             result = await self._position_script(
-                keys=[meta, stream], args=[self._epoch_candidate(), self._meta_ttl_ms]
+                keys=[meta, stream], args=[self._epoch_candidate(), self._limits(channel)[2]]
             )
         return StreamPosition(int(result[1]), result[0].decode())
 
@@ -875,6 +957,39 @@ class RedisBroker:
         return RateLimitResult(
             bool(allowed), burst, remaining, retry_after_us / 1e6, reset_after_us / 1e6
         )
+
+    # -- presence ---------------------------------------------------------------------------
+
+    async def presence_update(self, updates: Mapping[str, Mapping[str, str]], ttl: int) -> None:
+        ttl_ms = str(max(ttl, 1) * 1000)
+        calls: list[tuple[Sequence[str], Sequence[Any]]] = []
+        for channel, members in updates.items():
+            if members:
+                args = [ttl_ms]
+                for client, user in members.items():
+                    args += (client, user)
+                calls.append((self._presence_keys(channel), args))
+        if calls:
+            await self._run_script_batch("presence_update", _PRESENCE_UPDATE_LUA, calls)
+
+    async def presence_remove(self, channel: str, client_ids: Sequence[str]) -> None:
+        if not client_ids:
+            return
+        members, expiries = self._presence_keys(channel)
+        pipe = self._redis.pipeline(transaction=True)  # same slot: MULTI/EXEC is fine
+        pipe.hdel(members, *client_ids)
+        pipe.zrem(expiries, *client_ids)
+        with self._guard("presence_remove"):
+            await pipe.execute()
+
+    async def presence(self, channel: str) -> dict[str, str]:
+        with self._guard("presence"):
+            flat = await self._presence_get_script(keys=self._presence_keys(channel))
+        return {flat[i].decode(): flat[i + 1].decode() for i in range(0, len(flat), 2)}
+
+
+def _sha1(script: str) -> str:
+    return hashlib.sha1(script.encode()).hexdigest()
 
 
 _conforms: type[Broker] = RedisBroker

@@ -39,10 +39,18 @@ async def _factory(url: str, prefix: str, handler_class: type[Any]) -> AsyncIter
     made: list[Broker] = []
 
     async def make(
-        *, history_size: int = 100, history_ttl: int = 3600, start: bool = True
+        *,
+        history_size: int = 100,
+        history_ttl: int = 3600,
+        history_overrides: dict[str, tuple[int, int]] | None = None,
+        start: bool = True,
     ) -> tuple[Broker, Any]:
         config = BrokerConfig(
-            url=url, prefix=prefix, history_size=history_size, history_ttl=history_ttl
+            url=url,
+            prefix=prefix,
+            history_size=history_size,
+            history_ttl=history_ttl,
+            history_overrides=history_overrides or {},
         )
         broker = create_broker(config)
         made.append(broker)
@@ -391,9 +399,8 @@ async def test_history_size_zero_keeps_offsets_but_no_entries(make_broker: Broke
 async def test_history_drops_entries_older_than_history_ttl(make_broker: BrokerFactory) -> None:
     broker, _ = await make_broker(history_ttl=1)
     old = await broker.publish("h:ttl", "e", b"old")
-    await asyncio.sleep(0.7)
-    young = await broker.publish("h:ttl", "e", b"young")
-    await asyncio.sleep(0.6)  # old is 1.3 s old, young 0.6 s
+    await asyncio.sleep(1.1)
+    young = await broker.publish("h:ttl", "e", b"young")  # old is past the TTL, young is not
 
     result = await broker.history("h:ttl")
     assert (result.recovered, result.publications) == (True, [young])
@@ -401,7 +408,7 @@ async def test_history_drops_entries_older_than_history_ttl(make_broker: BrokerF
     gone = await broker.history("h:ttl", since=StreamPosition(0, old.epoch))
     assert (gone.recovered, gone.publications) == (False, [])
 
-    await asyncio.sleep(0.6)  # now both are older than the TTL
+    await asyncio.sleep(1.1)  # now both are older than the TTL
     empty = await broker.history("h:ttl")
     assert (empty.recovered, empty.publications) == (True, [])
     assert empty.position == young.position  # offsets and epoch outlive the entries
@@ -410,6 +417,65 @@ async def test_history_drops_entries_older_than_history_ttl(make_broker: BrokerF
     later = await broker.publish("h:ttl", "e", b"later")
     assert later.position == StreamPosition(3, old.epoch)
     assert (await broker.history("h:ttl")).publications == [later]
+
+
+async def test_history_limits_can_differ_per_namespace(make_broker: BrokerFactory) -> None:
+    broker, _ = await make_broker(history_size=10, history_overrides={"short": (2, 3600)})
+    short = await publish_many(broker, "short:x", 5)
+    normal = await publish_many(broker, "normal:x", 5)
+
+    assert (await broker.history("short:x")).publications == short[3:]
+    assert (await broker.history("normal:x")).publications == normal
+    assert (await broker.history("short:x", since=short[1].position)).recovered is False
+    assert (await broker.history("short:x", since=short[2].position)).publications == short[3:]
+
+
+async def test_history_ttl_can_differ_per_namespace(make_broker: BrokerFactory) -> None:
+    broker, _ = await make_broker(history_ttl=3600, history_overrides={"brief": (100, 1)})
+    brief = await broker.publish("brief:x", "e", b"1")
+    lasting = await broker.publish("lasting:x", "e", b"1")
+    await asyncio.sleep(1.1)
+
+    assert (await broker.history("brief:x")).publications == []
+    assert (
+        await broker.history("brief:x", since=StreamPosition(0, brief.epoch))
+    ).recovered is False
+    assert (await broker.history("lasting:x")).publications == [lasting]
+
+
+# -- presence -----------------------------------------------------------------------------
+
+
+async def test_presence_lists_updates_and_removes_clients(broker: Broker) -> None:
+    assert await broker.presence("room:p") == {}
+    await broker.presence_update(
+        {"room:p": {"c1": "u1", "c2": "u2"}, "room:q": {"c3": "u1"}, "room:empty": {}}, 60
+    )
+    assert await broker.presence("room:p") == {"c1": "u1", "c2": "u2"}
+    assert await broker.presence("room:q") == {"c3": "u1"}
+    assert await broker.presence("room:empty") == {}
+
+    await broker.presence_update({"room:p": {"c2": "u2", "c4": "ü-ser 👋"}}, 60)
+    await broker.presence_remove("room:p", ["c1", "never-there"])
+    assert await broker.presence("room:p") == {"c2": "u2", "c4": "ü-ser 👋"}
+    await broker.presence_remove("room:nothing", ["c1"])
+    await broker.presence_remove("room:p", [])
+    await broker.presence_update({}, 60)
+    await broker.presence_remove("room:p", ["c2", "c4"])
+    assert await broker.presence("room:p") == {}
+    assert await broker.presence("room:q") == {"c3": "u1"}
+
+
+async def test_presence_entries_expire_unless_refreshed(broker: Broker) -> None:
+    await broker.presence_update({"room:ttl": {"short": "u1", "refreshed": "u2"}}, 1)
+    await broker.presence_update({"room:ttl": {"long": "u3"}}, 60)
+    await asyncio.sleep(0.6)
+    await broker.presence_update({"room:ttl": {"refreshed": "u2"}}, 1)
+    await asyncio.sleep(0.6)  # short: 1.2 s old; refreshed: 0.6 s since its refresh
+
+    assert await broker.presence("room:ttl") == {"refreshed": "u2", "long": "u3"}
+    await asyncio.sleep(0.6)
+    assert await broker.presence("room:ttl") == {"long": "u3"}
 
 
 # -- control, delivery check, revocation ---------------------------------------------------
@@ -443,25 +509,25 @@ async def test_user_not_before_round_trip_and_expiry(broker: Broker) -> None:
 
 
 async def test_rate_limit_allows_a_burst_then_refuses_then_refills(broker: Broker) -> None:
-    # rate 4/s: one token every 250 ms (exact in binary floating point), burst 3
-    results = [await broker.rate_limit("k", rate=4, burst=3) for _ in range(4)]
+    # rate 2/s: one token every 500 ms (exact in binary floating point), burst 3
+    results = [await broker.rate_limit("k", rate=2, burst=3) for _ in range(4)]
 
     assert [r.allowed for r in results] == [True, True, True, False]
     assert [r.remaining for r in results] == [2, 1, 0, 0]
     assert all(r.limit == 3 for r in results)
     assert [r.retry_after for r in results[:3]] == [0.0, 0.0, 0.0]
     refused = results[3]
-    assert 0 < refused.retry_after <= 0.25
-    assert 0.5 < refused.reset_after <= 0.75
-    assert 0.2 < results[0].reset_after <= 0.25
+    assert 0 < refused.retry_after <= 0.5
+    assert 1.0 < refused.reset_after <= 1.5
+    assert 0.4 < results[0].reset_after <= 0.5
 
-    other = await broker.rate_limit("other-key", rate=4, burst=3)
+    other = await broker.rate_limit("other-key", rate=2, burst=3)
     assert (other.allowed, other.remaining) == (True, 2)
 
     await asyncio.sleep(refused.retry_after + 0.05)
-    again = await broker.rate_limit("k", rate=4, burst=3)
+    again = await broker.rate_limit("k", rate=2, burst=3)
     assert again.allowed is True
-    assert (await broker.rate_limit("k", rate=4, burst=3)).allowed is False
+    assert (await broker.rate_limit("k", rate=2, burst=3)).allowed is False
 
 
 # -- several workers on one Redis ---------------------------------------------------------
@@ -530,10 +596,10 @@ async def test_offsets_and_history_are_shared_between_workers(
 async def test_rate_limits_are_shared_between_workers(make_redis_broker: BrokerFactory) -> None:
     first, _ = await make_redis_broker()
     second, _ = await make_redis_broker()
-    assert (await first.rate_limit("shared", rate=4, burst=3)).remaining == 2
-    assert (await second.rate_limit("shared", rate=4, burst=3)).remaining == 1
-    assert (await first.rate_limit("shared", rate=4, burst=3)).remaining == 0
-    refused = await second.rate_limit("shared", rate=4, burst=3)
+    assert (await first.rate_limit("shared", rate=2, burst=3)).remaining == 2
+    assert (await second.rate_limit("shared", rate=2, burst=3)).remaining == 1
+    assert (await first.rate_limit("shared", rate=2, burst=3)).remaining == 0
+    refused = await second.rate_limit("shared", rate=2, burst=3)
     assert refused.allowed is False and refused.retry_after > 0
 
 
@@ -546,9 +612,19 @@ async def test_user_revocation_is_shared_between_workers(make_redis_broker: Brok
 
 
 @redis_only
-async def test_publish_batch_is_one_round_trip(make_redis_broker: BrokerFactory) -> None:
-    broker, _ = await make_redis_broker()
-    await broker.publish("rt", "e", b"warm")  # a pooled connection exists already
+async def test_presence_is_shared_between_workers(make_redis_broker: BrokerFactory) -> None:
+    first, _ = await make_redis_broker()
+    second, _ = await make_redis_broker()
+    await first.presence_update({"room:s": {"a-1": "ada"}}, 60)
+    await second.presence_update({"room:s": {"b-1": "bob"}}, 60)
+
+    assert await first.presence("room:s") == {"a-1": "ada", "b-1": "bob"}
+    await second.presence_remove("room:s", ["a-1"])
+    assert await first.presence("room:s") == {"b-1": "bob"}
+
+
+async def count_writes(broker: Broker, call: Awaitable[Any]) -> tuple[int, Any]:
+    """How many writes (round trips) ``call`` makes on the broker's command connections."""
     pool = broker._pool  # type: ignore[attr-defined]
     writes = 0
     original = pool.get_connection
@@ -567,15 +643,34 @@ async def test_publish_batch_is_one_round_trip(make_redis_broker: BrokerFactory)
 
     pool.get_connection = counting_get_connection
     try:
-        pubs = await broker.publish_batch(
-            [PublishRequest(f"rt:{n % 3}", "e", str(n).encode()) for n in range(30)]
-        )
+        result = await call
     finally:
         pool.get_connection = original
         for connection in [*pool._available_connections, *pool._in_use_connections]:
             connection.__dict__.pop("send_packed_command", None)
+    return writes, result
+
+
+@redis_only
+async def test_publish_batch_is_one_round_trip(make_redis_broker: BrokerFactory) -> None:
+    broker, _ = await make_redis_broker()
+    await broker.publish("rt", "e", b"warm")  # a pooled connection exists already
+    requests = [PublishRequest(f"rt:{n % 3}", "e", str(n).encode()) for n in range(30)]
+
+    writes, pubs = await count_writes(broker, broker.publish_batch(requests))
     assert writes == 1
     assert [p.offset for p in pubs if p.channel == "rt:0"] == list(range(1, 11))
+
+
+@redis_only
+async def test_presence_update_is_one_round_trip(make_redis_broker: BrokerFactory) -> None:
+    broker, _ = await make_redis_broker()
+    await broker.publish("rt", "e", b"warm")
+    updates = {f"room:{n}": {f"c{n}-{k}": f"u{k}" for k in range(5)} for n in range(10)}
+
+    writes, _ = await count_writes(broker, broker.presence_update(updates, 30))
+    assert writes == 1
+    assert await broker.presence("room:7") == updates["room:7"]
 
 
 @redis_only
@@ -588,6 +683,7 @@ async def test_keys_are_cluster_safe_and_expire(
     await broker.publish("user:42", "e", b"1")
     await broker.rate_limit("ip:1", rate=1, burst=1)
     await broker.set_user_not_before("42", 1.0, ttl=30)
+    await broker.presence_update({"user:42": {"c1": "42"}}, 20)
 
     meta = f"{unique_prefix}:meta:{{user:42}}"
     stream = f"{unique_prefix}:stream:{{user:42}}"
@@ -601,6 +697,15 @@ async def test_keys_are_cluster_safe_and_expire(
         assert await client.pttl(meta) >= 600_000
         assert 0 < await client.ttl(f"{unique_prefix}:nbf:42") <= 30
         assert 0 < await client.pttl(f"{unique_prefix}:rl:ip:1") <= 1000
+        presence = f"{unique_prefix}:presence:{{user:42}}"
+        presence_exp = f"{unique_prefix}:presence-exp:{{user:42}}"
+        assert (
+            key_slot(presence.encode())
+            == key_slot(presence_exp.encode())
+            == key_slot(meta.encode())
+        )
+        assert 0 < await client.pttl(presence) <= 20_000
+        assert 0 < await client.pttl(presence_exp) <= 20_000
         entries: Any = await client.xrange(stream)
         assert [(entry_id, sorted(fields)) for entry_id, fields in entries] == [
             (b"1-1", [b"d", b"e", b"t"])

@@ -97,6 +97,8 @@ async def test_restart_without_persistence_reconnects_resubscribes_and_starts_a_
     await assert_fails_fast(broker.publish_batch([PublishRequest("live", "e", b"lost")]))
     await assert_fails_fast(broker.history("live"))
     await assert_fails_fast(broker.send_control({"type": "x"}))
+    await assert_fails_fast(broker.presence_update({"live": {"c": "u"}}, 30))
+    await assert_fails_fast(broker.rate_limit("k", rate=1, burst=1))
     started = time.monotonic()
     assert await broker.check_delivery(0.5) is False
     assert time.monotonic() - started < 1.0
@@ -192,16 +194,16 @@ async def test_health_check_detects_a_connection_that_stopped_answering(
     redis_server_factory: Callable[..., Any], make: Any, admin: Callable[[str], Redis]
 ) -> None:
     server = redis_server_factory()
-    broker, handler = await make(server.url, health_check_interval=0.2, health_check_timeout=0.3)
+    broker, handler = await make(server.url, health_check_interval=0.2, health_check_timeout=0.5)
     await broker.subscribe(["quiet"])
-    await asyncio.sleep(0.6)  # idle periods answered by PING alone: no reconnect
+    await asyncio.sleep(1.0)  # idle periods answered by PING alone: no reconnect
     assert handler.states == []
 
-    # Redis holds every command (our PING too) for 2 s: the socket stays open but deaf.
-    await admin(server.url).client_pause(2000, all=True)
+    # Redis holds every command (our PING too) for 3 s: the socket stays open but deaf.
+    await admin(server.url).client_pause(3000, all=True)
     started = time.monotonic()
-    await handler.wait_for(lambda: handler.states == [False], 1.8, "the health check to fire")
-    assert time.monotonic() - started < 1.8  # found dead before the pause ended
+    await handler.wait_for(lambda: handler.states == [False], 2.7, "the health check to fire")
+    assert time.monotonic() - started < 2.7  # found dead before the pause ended
     await handler.wait_for(lambda: handler.states == [False, True], RECOVERY_TIMEOUT, "True")
     pub = await broker.publish("quiet", "e", b"1")
     await delivered(handler, pub)
@@ -256,6 +258,10 @@ async def test_scripts_work_after_the_script_cache_is_flushed(
     assert (await broker.rate_limit("flush", rate=1, burst=2)).allowed
     await client.script_flush()
     assert (await broker.position("flush")).offset == 3
+    await client.script_flush()
+    await broker.presence_update({"flush": {"c": "u"}}, 30)
+    await client.script_flush()
+    assert await broker.presence("flush") == {"c": "u"}
 
     assert history.publications == [first, second, batch[0]]
     await handler.wait_for(lambda: len(handler.on("flush")) == 3, 5.0, "three publications")
