@@ -152,7 +152,9 @@ class MemoryBroker:
         if len(self._buckets) > 100_000:  # drop buckets that are full again
             for stale in [k for k, v in self._buckets.items() if v <= now]:
                 del self._buckets[stale]
-        remaining = max(0, math.floor((tolerance - (new_tat - now)) / interval) + 1)
+        # The epsilon absorbs binary rounding (1/3 s intervals), as the Lua script's
+        # integer microseconds do.
+        remaining = max(0, math.floor((tolerance - (new_tat - now)) / interval + 1e-9) + 1)
         return RateLimitResult(True, burst, remaining, 0.0, new_tat - now)
 
     async def presence_update(self, updates: Mapping[str, Mapping[str, str]], ttl: int) -> None:
