@@ -9,6 +9,7 @@ shared "not before" mark, so every worker agrees.
 from __future__ import annotations
 
 import hmac
+import math
 import secrets
 import time
 import uuid
@@ -101,7 +102,8 @@ class TokenService:
             "sub": str(subject),
             "role": role,
             # Fractional: a revocation at time T must not refuse a token issued at T + 0.2 s.
-            "iat": round(now, 3),
+            # Rounded down, never up: a revocation right after issuing must still apply.
+            "iat": math.floor(now * 1000) / 1000,
             "nbf": int(now) - 1,
             "exp": int(now) + ttl,
             "jti": uuid.uuid4().hex,
