@@ -275,6 +275,40 @@ async def presence(channel: str, hub: HubDep, principal: PrincipalDep) -> Presen
     return PresenceOut(**snapshot)
 
 
+class StatsOut(BaseModel):
+    connections: dict[str, int] = Field(description="live connections by transport")
+    subscriptions: int
+    published: int
+    delivered: dict[str, int] = Field(description="messages written, by transport")
+
+
+@router.get(
+    "/api/v1/stats",
+    response_model=StatsOut,
+    tags=["admin"],
+    summary="Live counts summed over every worker (admin)",
+    responses={401: {}, 403: {}},
+)
+async def stats(hub: HubDep, principal: PrincipalDep) -> StatsOut:
+    if not principal.is_admin:
+        raise HubError(errors.FORBIDDEN, "admin only (admin token or admin-scoped key)")
+    totals = hub.metrics.totals()
+
+    def by_transport(name: str) -> dict[str, int]:
+        values = totals.get(name, {})
+        return {
+            transport: int(values.get(f"transport={transport}", 0))
+            for transport in ("websocket", "sse")
+        }
+
+    return StatsOut(
+        connections=by_transport("herald_connections"),
+        subscriptions=int(sum(totals.get("herald_subscriptions", {}).values())),
+        published=int(sum(totals.get("herald_messages_published_total", {}).values())),
+        delivered=by_transport("herald_messages_delivered_total"),
+    )
+
+
 @router.get("/health", tags=["health"], summary="Liveness: the process answers")
 async def health() -> dict[str, str]:
     return {"status": "ok"}

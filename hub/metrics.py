@@ -8,6 +8,7 @@ globals), so tests can build many apps in one process.
 
 from __future__ import annotations
 
+import glob
 import os
 
 from prometheus_client import (
@@ -79,12 +80,53 @@ class Metrics:
 
     def render(self) -> bytes:
         if multiprocess_enabled():
+            forget_dead_processes()
             collect = CollectorRegistry()
             multiprocess.MultiProcessCollector(collect)  # type: ignore[no-untyped-call]
             return generate_latest(collect)
         return generate_latest(self.registry)
 
+    def totals(self) -> dict[str, dict[str, float]]:
+        """Every sample summed by metric name and label values, over all workers
+        (for the admin stats endpoint)."""
+        if multiprocess_enabled():
+            source = CollectorRegistry()
+            multiprocess.MultiProcessCollector(source)  # type: ignore[no-untyped-call]
+        else:
+            source = self.registry
+        totals: dict[str, dict[str, float]] = {}
+        for family in source.collect():
+            for sample in family.samples:
+                if sample.name.endswith("_created"):
+                    continue
+                key = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()) if k != "pid")
+                by_label = totals.setdefault(sample.name, {})
+                by_label[key] = by_label.get(key, 0.0) + sample.value
+        return totals
+
     @staticmethod
     def mark_process_dead(pid: int) -> None:
         if multiprocess_enabled():
             multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
+
+
+def forget_dead_processes() -> None:
+    """Drop the live gauges (connections, subscriptions) of workers that died without
+    cleaning up (``kill -9``, OOM): otherwise they would be summed in for ever."""
+    path = os.environ.get(MULTIPROC_ENV)
+    if not path:
+        return
+    for file in glob.glob(os.path.join(path, "gauge_live*_*.db")):
+        pid = file.rsplit("_", 1)[1].removesuffix(".db")
+        if pid.isdigit() and not _alive(int(pid)):
+            multiprocess.mark_process_dead(int(pid), path)  # type: ignore[no-untyped-call]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,5 +1,5 @@
 // Herald live dashboard: an admin signs in, sees the user directory and watches it
-// change live from the `users` channel, plus live connection counts from /metrics.
+// change live from the `users` channel, plus live connection counts from /api/v1/stats.
 // Plain ES module on top of the browser client; no build step.
 
 import { Herald } from "/client/herald.js";
@@ -370,34 +370,13 @@ function addEvent(kind, title, detail) {
 
 // -- connection counts ----------------------------------------------------------------------
 
-/** Sum samples of a metric in Prometheus text (over every label set matching `labels`). */
-function metricSum(text, name, labels = {}) {
-  let total = 0;
-  let found = false;
-  for (const line of text.split("\n")) {
-    if (!line.startsWith(name) || line.startsWith("#")) continue;
-    const match = /^([a-zA-Z_:][\w:]*)(\{([^}]*)\})?\s+(\S+)/.exec(line);
-    if (!match || match[1] !== name) continue;
-    const pairs = Object.fromEntries(
-      [...(match[3] ?? "").matchAll(/(\w+)="((?:[^"\\]|\\.)*)"/g)].map((m) => [m[1], m[2]]),
-    );
-    if (Object.entries(labels).every(([k, v]) => pairs[k] === v)) {
-      total += Number(match[4]) || 0;
-      found = true;
-    }
-  }
-  return found ? total : 0;
-}
-
 async function pollMetrics() {
   try {
-    const response = await fetch("/metrics", { cache: "no-store" });
-    if (!response.ok) return;
-    const text = await response.text();
-    $("stat-websocket").textContent = metricSum(text, "herald_connections", { transport: "websocket" }).toLocaleString();
-    $("stat-sse").textContent = metricSum(text, "herald_connections", { transport: "sse" }).toLocaleString();
-    $("stat-subscriptions").textContent = metricSum(text, "herald_subscriptions").toLocaleString();
-    $("stat-published").textContent = metricSum(text, "herald_messages_published_total").toLocaleString();
+    const stats = await api("/api/v1/stats");
+    $("stat-websocket").textContent = stats.connections.websocket.toLocaleString();
+    $("stat-sse").textContent = stats.connections.sse.toLocaleString();
+    $("stat-subscriptions").textContent = stats.subscriptions.toLocaleString();
+    $("stat-published").textContent = stats.published.toLocaleString();
   } catch {
     /* the next poll will tell */
   }

@@ -18,6 +18,7 @@ from .helpers import (
     HeraldProcess,
     SSEClient,
     WSClient,
+    bearer,
     connect_on_nodes,
     metric,
     metrics,
@@ -86,6 +87,17 @@ async def test_metrics_count_this_tests_deliveries_on_both_workers(
             ),
             "two more WebSocket and two more SSE connections",
         )
+        # The admin stats endpoint (the dashboard's source) sums both workers too.
+        async with httpx.AsyncClient(base_url=cluster.base_url, trust_env=False) as client:
+            for _ in range(4):  # whichever worker answers
+                response = await client.get(
+                    "/api/v1/stats", headers=bearer(token("stats-admin", role="admin"))
+                )
+                assert response.status_code == 200, response.text
+                assert response.json()["connections"] == {
+                    "websocket": ws_base + 2,
+                    "sse": sse_base + 2,
+                }
         before = await metrics(cluster.base_url)
         nodes = list(publishers)
         for n in range(count):

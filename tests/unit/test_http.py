@@ -419,3 +419,21 @@ async def test_metrics_count_publishes_and_connections(api: Api) -> None:
 async def test_openapi_lists_the_publish_api(api: Api) -> None:
     paths = (await api.client.get("/openapi.json")).json()["paths"]
     assert {"/api/v1/publish", "/api/v1/publish/batch", "/api/v1/tokens/subscribe"} <= set(paths)
+
+
+async def test_stats_are_admin_only_and_count_live_connections(api: Api) -> None:
+    body = {"channel": "public:a", "event": "e", "data": 1}
+    assert (await api.client.post("/api/v1/publish", json=body, headers=KEY)).status_code == 200
+    conn = api.hub.open_connection(user("1"), "websocket")
+    refused = await api.client.get("/api/v1/stats", headers=api.token("1"))
+    assert refused.status_code == 403
+    assert (await api.client.get("/api/v1/stats")).status_code == 401
+    response = await api.client.get("/api/v1/stats", headers=api.token("9", role="admin"))
+    assert response.status_code == 200, response.text
+    assert response.json() == {
+        "connections": {"websocket": 1, "sse": 0},
+        "subscriptions": 0,
+        "published": 1,
+        "delivered": {"websocket": 0, "sse": 0},
+    }
+    api.hub.release_connection(conn)
