@@ -18,6 +18,7 @@ APP_FACTORY = "api.app:create_app"
 # variable is set, or this process would count in memory instead of in the directory.
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 HUB_ONLY_FACTORY = "hub.app:create_app"
+FAST_WS = "hub.transports.fastws:FastWebSocketProtocol"
 
 
 def _settings_or_exit(**overrides: Any) -> Settings:
@@ -63,7 +64,7 @@ def serve(args: argparse.Namespace) -> int:
         reload=args.reload,
         loop="uvloop",
         http="httptools",
-        ws=args.ws,
+        ws=FAST_WS if args.ws == "herald" else args.ws,
         ws_max_size=settings.max_frame_bytes,
         ws_ping_interval=settings.heartbeat_interval,
         ws_ping_timeout=settings.heartbeat_timeout,
@@ -161,9 +162,10 @@ def add_commands(sub: Any, *, app: str = APP_FACTORY) -> None:
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     p.add_argument(
         "--ws",
-        default="websockets-sansio",
-        choices=["websockets-sansio", "websockets", "wsproto"],
-        help="uvicorn WebSocket implementation",
+        default="herald",
+        choices=["herald", "websockets-sansio", "websockets", "wsproto"],
+        help="WebSocket implementation: herald (websockets-sansio plus the pre-framed "
+        "fan-out path, the default) or one of uvicorn's",
     )
     p.add_argument("--app", default=app, help=argparse.SUPPRESS)
     p.set_defaults(func=serve)

@@ -1,15 +1,22 @@
 """Connection: one subscriber's bounded outbox, drained by exactly one writer.
 
 The fan-out path only calls :meth:`Connection.enqueue_message`, which never awaits:
-it appends to a deque and sets an event. When the outbox passes its count or byte
-limit the connection is closed with ``slow_consumer`` and its outbox dropped, so a
-slow client costs the others nothing (``docs/architecture.md``).
+it appends to a deque and resolves the writer's waiter, if it is waiting. When the
+outbox passes its count or byte limit the connection is closed with ``slow_consumer``
+and its outbox dropped, so a slow client costs the others nothing
+(``docs/architecture.md``).
+
+The writer side allocates as little as possible per wake-up (one Future, no timers):
+with thousands of writers, every per-wait ``asyncio.timeout`` or ``Event`` becomes
+garbage that survives long enough to trigger full GC passes. Heartbeats and stuck
+writes are handled by one sweep per worker (:meth:`hub.hub.Hub.sweep`) instead.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import Literal
@@ -31,21 +38,25 @@ class Connection:
     __slots__ = (
         "__weakref__",
         "_bytes",
-        "_closed_event",
+        "_closed_waiters",
         "_expiry_timer",
         "_floors",
+        "_loop",
         "_on_overflow",
         "_outbox",
         "_recovering",
-        "_wakeup",
+        "_waiter",
         "channels",
         "closed",
         "id",
+        "last_write",
         "max_bytes",
         "max_messages",
         "positions",
         "principal",
+        "send_started",
         "transport",
+        "writer_task",
     )
 
     def __init__(
@@ -68,8 +79,14 @@ class Connection:
         self.closed: Disconnect | None = None
         self._outbox: deque[Outbound] = deque()
         self._bytes = 0
-        self._wakeup = asyncio.Event()
-        self._closed_event = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
+        self._waiter: asyncio.Future[None] | None = None
+        self._closed_waiters: list[asyncio.Future[None]] | None = None
+        # monotonic time of the last write, and of the start of a write still in progress
+        # (0 when none): read by the hub's sweep for heartbeats and stuck writers.
+        self.last_write = time.monotonic()
+        self.send_started = 0.0
+        self.writer_task: asyncio.Task[None] | None = None
         self._recovering: dict[str, list[EncodedMessage]] = {}
         # Per channel, the position queued when its subscription became live: live
         # publications at or below it (still in flight when the subscribe read the top,
@@ -118,7 +135,12 @@ class Connection:
         if len(outbox) > self.max_messages or self._bytes > self.max_bytes:
             self._overflow()
             return
-        self._wakeup.set()
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def _overflow(self) -> None:
         dropped = len(self._outbox)
@@ -135,11 +157,20 @@ class Connection:
         self._bytes = 0
         self._recovering.clear()
         self.cancel_expiry()
-        self._wakeup.set()
-        self._closed_event.set()
+        self._wake()
+        for waiter in self._closed_waiters or ():
+            if not waiter.done():
+                waiter.set_result(None)
+        self._closed_waiters = None
 
     async def wait_closed(self) -> None:
-        await self._closed_event.wait()
+        if self.closed is not None:
+            return
+        waiter = self._loop.create_future()
+        if self._closed_waiters is None:
+            self._closed_waiters = []
+        self._closed_waiters.append(waiter)
+        await waiter
 
     # -- recovery: buffer live messages of a channel while its history is read -----------
 
@@ -171,7 +202,7 @@ class Connection:
         for pub in replay:
             self._outbox.append(encode_message(pub))
             last = pub.position
-        self._wakeup.set()
+        self._wake()
         for message in buffered:
             pub = message.publication
             if last is not None and pub.epoch == last.epoch and pub.offset <= last.offset:
@@ -192,8 +223,7 @@ class Connection:
         self.cancel_expiry()
         if expires_at is None:
             return
-        loop = asyncio.get_running_loop()
-        self._expiry_timer = loop.call_later(
+        self._expiry_timer = self._loop.call_later(
             max(0.0, expires_at - now), self.close, errors.TOKEN_EXPIRED_DISCONNECT
         )
 
@@ -204,19 +234,22 @@ class Connection:
 
     # -- writer side ------------------------------------------------------------------------
 
-    async def next_batch(self, timeout: float) -> list[Outbound] | None:
-        """Everything queued, in one list (the writer sends it in one write).
+    async def next_batch(self, timeout: float | None = None) -> list[Outbound] | None:
+        """Everything queued (the writer sends it in one write), oldest first.
 
-        Returns ``[]`` after ``timeout`` seconds with nothing queued (time for a
-        heartbeat) and ``None`` once the connection is closed.
+        Waits while nothing is queued: until something is, until the connection is
+        closed (then ``None``), or until ``timeout`` seconds passed (then an empty
+        list). Writers normally pass no timeout: the hub's sweep queues heartbeats.
         """
         if not self._outbox and self.closed is None:
-            self._wakeup.clear()
+            waiter = self._waiter = self._loop.create_future()
+            timer = None if timeout is None else self._loop.call_later(timeout, self._wake)
             try:
-                async with asyncio.timeout(timeout):
-                    await self._wakeup.wait()
-            except TimeoutError:
-                return [] if self.closed is None else None
+                await waiter
+            finally:
+                self._waiter = None
+                if timer is not None:
+                    timer.cancel()
         if self.closed is not None:
             return None
         batch = list(self._outbox)

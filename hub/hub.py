@@ -24,7 +24,14 @@ from .errors import Disconnect, HubError
 from .metrics import Metrics
 from .policy import ChannelPolicy, check_publish, check_subscribe
 from .presence import PresenceTracker
-from .protocol import Publication, StreamPosition, encode_bye, encode_data, validate_event_name
+from .protocol import (
+    PING_FRAME,
+    Publication,
+    StreamPosition,
+    encode_bye,
+    encode_data,
+    validate_event_name,
+)
 from .registry import Registry
 from .settings import Settings
 
@@ -78,6 +85,7 @@ class Hub:
         await self.broker.start(self)
         self.broker_connected = True
         self._spawn(self.presence.run())
+        self._spawn(self._sweep())
 
     async def drain(self, grace: float | None = None) -> None:
         """Stop accepting, tell every client ``bye`` (reconnect) and wait for them to go."""
@@ -98,6 +106,28 @@ class Hub:
         await asyncio.gather(*self._background, return_exceptions=True)
         await self.presence.aclose()
         await self.broker.aclose()
+
+    async def _sweep(self) -> None:
+        """One pass over this worker's connections every few seconds, instead of a timer
+        per connection: queue ``{"op":"ping"}`` on WebSockets idle for a heartbeat
+        interval, and cut writers stuck in one send for longer than ``send_timeout``
+        (only possible on the portable ASGI write path)."""
+        settings = self.settings
+        heartbeat = settings.heartbeat_interval
+        interval = max(0.05, min(heartbeat, settings.send_timeout) / 4)
+        while True:
+            await asyncio.sleep(interval)
+            now = time.monotonic()
+            for conn in list(self.registry.connections):
+                if conn.closed is not None or conn.transport != "websocket":
+                    continue
+                if conn.send_started and now - conn.send_started > settings.send_timeout:
+                    self.close_connection(conn, errors.SLOW_CONSUMER)
+                    self.metrics.slow_consumers.inc()
+                    if conn.writer_task is not None:
+                        conn.writer_task.cancel()
+                elif now - conn.last_write >= heartbeat and not conn.outbox_size:
+                    conn.enqueue_control(PING_FRAME)
 
     def _spawn(self, coro: Any) -> None:
         task: asyncio.Task[None] = asyncio.ensure_future(coro)
@@ -125,30 +155,39 @@ class Hub:
         if connected:
             self.metrics.broker_reconnects.inc()
             logger.info("broker connection restored; recovering missed messages")
-            self._spawn(self._resync_channels())
+            # Hold every channel's live publications from now on, before the reader
+            # delivers any: the channels are resynced one after the other, and a live
+            # message fanned out meanwhile would move a channel's position past its gap.
+            registry = self.registry
+            channels = [ch for ch in registry.channels() if registry.position(ch) is not None]
+            for channel in channels:
+                registry.begin_sync(channel)
+            self._spawn(self._resync_channels(channels))
         else:
             logger.warning("broker connection lost; reconnecting")
 
-    async def _resync_channels(self) -> None:
-        for channel in list(self.registry.channels()):
+    async def _resync_channels(self, channels: list[str]) -> None:
+        for channel in channels:
             await self._resync(channel)
 
     async def _resync(self, channel: str) -> None:
         """After a broker outage, deliver what was published meanwhile from history; if
         history cannot fill the gap, make the channel's subscribers resubscribe (they
-        then learn ``recovered: false``) rather than let them miss messages silently."""
+        then learn ``recovered: false``, or resume from history once it answers again)
+        rather than let them miss messages silently."""
         since = self.registry.position(channel)
-        if since is None:
+        if since is None:  # nobody left on this channel
+            self.registry.end_sync(channel, [])
             return
         self.registry.begin_sync(channel)
         try:
             history = await self.broker.history(channel, since=since)
-        except BrokerUnavailable:
+        except Exception as exc:
             self.registry.end_sync(channel, [])
-            return
-        except Exception:
-            self.registry.end_sync(channel, [])
-            logger.exception("resync of %s failed", channel)
+            if not isinstance(exc, BrokerUnavailable):
+                logger.exception("resync of %s failed", channel)
+            for conn in self.registry.subscribers(channel):
+                self.close_connection(conn, errors.INSUFFICIENT_STATE)
             return
         if history.recovered:
             count = self.registry.end_sync(channel, history.publications)

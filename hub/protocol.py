@@ -76,6 +76,8 @@ class EncodedMessage:
     publication: Publication
     envelope: bytes
     text: str  # the same envelope as str, for ASGI text frames (decoded once, shared)
+    frame: bytes  # the envelope as a complete WebSocket text frame (server frames are
+    # unmasked, so the same bytes go to every connection)
 
 
 def encode_message(pub: Publication) -> EncodedMessage:
@@ -96,7 +98,17 @@ def encode_message(pub: Publication) -> EncodedMessage:
             b"}",
         )
     )
-    return EncodedMessage(pub, envelope, envelope.decode())
+    return EncodedMessage(pub, envelope, envelope.decode(), ws_text_frame(envelope))
+
+
+def ws_text_frame(payload: bytes) -> bytes:
+    """A complete, unmasked, unfragmented WebSocket text frame (RFC 6455 5.2)."""
+    size = len(payload)
+    if size < 126:
+        return bytes((0x81, size)) + payload
+    if size < 65536:
+        return b"\x81\x7e" + size.to_bytes(2, "big") + payload
+    return b"\x81\x7f" + size.to_bytes(8, "big") + payload
 
 
 def encode_data(data: Any) -> bytes:

@@ -29,6 +29,7 @@ from .. import errors, protocol
 from ..auth import Principal, bearer_credential
 from ..connection import Connection
 from ..errors import Disconnect, HubError
+from .fastws import EXTENSION, RawFrameWriter
 from .origin import origin_allowed
 
 if TYPE_CHECKING:
@@ -146,21 +147,27 @@ class WebSocketSession:
             raise _Refused(_auth_disconnect(exc), exc, request_id) from None
 
     async def _serve(self, conn: Connection) -> None:
-        reader = asyncio.ensure_future(self._read_loop(conn))
-        writer = asyncio.ensure_future(self._write_loop(conn))
-        closed = asyncio.ensure_future(conn.wait_closed())
+        """Read in this task, write in one other: two tasks per connection, no more.
+
+        A server-side close wakes the writer, which says goodbye; the client's close (or
+        uvicorn's close timeout, or an abort) then ends the reader.
+        """
+        raw = self.scope.get("extensions", {}).get(EXTENSION)
+        writer = asyncio.ensure_future(
+            self._write_raw(conn, raw) if raw is not None else self._write_asgi(conn)
+        )
+        conn.writer_task = writer
         try:
-            done, _ = await asyncio.wait(
-                {reader, writer, closed}, return_when=asyncio.FIRST_COMPLETED
-            )
-            if closed in done and not writer.done():
-                # Give the writer a moment to send bye + close; a client that stopped
-                # reading blocks it, and then we give up on it.
+            await self._read_loop(conn)
+            if not writer.done():
+                # The reader ended first (client closed, oversized frame): let the writer
+                # say goodbye where one is due, briefly.
+                conn.close(conn.closed or errors.Disconnect(1000, "client_closed", "closed"))
                 await asyncio.wait({writer}, timeout=GOODBYE_TIMEOUT)
         finally:
-            for task in (reader, writer, closed):
-                task.cancel()
-            await asyncio.gather(reader, writer, closed, return_exceptions=True)
+            writer.cancel()
+            await asyncio.gather(writer, return_exceptions=True)
+            conn.writer_task = None
 
     # -- reader ----------------------------------------------------------------------------
 
@@ -240,42 +247,75 @@ class WebSocketSession:
 
     # -- writer ----------------------------------------------------------------------------
 
-    async def _write_loop(self, conn: Connection) -> None:
-        send = self._send
-        heartbeat = self.settings.heartbeat_interval
-        send_timeout = self.settings.send_timeout
+    async def _write_raw(self, conn: Connection, raw: RawFrameWriter) -> None:
+        """The fast path: already-framed bytes straight to the transport, never awaiting
+        the client. A client whose unread bytes pass the outbox byte limit is a slow
+        consumer."""
         delivered = self.hub.metrics.delivered.labels("websocket")
+        limit = conn.max_bytes
         while True:
-            batch = await conn.next_batch(heartbeat)
+            batch = await conn.next_batch()
             if batch is None:
                 break
-            if not batch:
-                text = protocol.PING_FRAME.decode()
-                count = 0
-            elif len(batch) == 1:
+            count = 0
+            if len(batch) == 1:
                 item = batch[0]
-                text = item.decode() if isinstance(item, bytes) else item.text
-                count = 0 if isinstance(item, bytes) else 1
+                if isinstance(item, bytes):
+                    data = protocol.ws_text_frame(item)
+                else:
+                    data = item.frame
+                    count = 1
             else:
                 parts = []
-                count = 0
                 for item in batch:
                     if isinstance(item, bytes):
-                        parts.append(item.decode())
+                        parts.append(item)
                     else:
-                        parts.append(item.text)
+                        parts.append(item.envelope)
                         count += 1
-                text = "\n".join(parts)
-            try:
-                async with asyncio.timeout(send_timeout):
-                    await send({"type": "websocket.send", "text": text})
-            except TimeoutError:
+                data = protocol.ws_text_frame(b"\n".join(parts))
+            if not raw.write(data):
+                conn.close(errors.Disconnect(1006, "client_gone", "connection lost"))
+                return
+            conn.last_write = time.monotonic()
+            if count:
+                delivered.inc(count)
+            if raw.buffered() > limit:
                 self.hub.close_connection(conn, errors.SLOW_CONSUMER)
                 self.hub.metrics.slow_consumers.inc()
-                return
+                break
+        disconnect = conn.closed
+        if disconnect is not None and disconnect.reason not in ("client_closed", "client_gone"):
+            raw.write(protocol.ws_text_frame(protocol.encode_bye(disconnect)))
+            raw.close(disconnect.code, disconnect.reason, abort_after=self.settings.send_timeout)
+
+    async def _write_asgi(self, conn: Connection) -> None:
+        """The portable path (servers without the raw-frames extension): ASGI sends. A
+        send stuck longer than ``send_timeout`` is cut by the hub's sweep."""
+        send = self._send
+        delivered = self.hub.metrics.delivered.labels("websocket")
+        while True:
+            batch = await conn.next_batch()
+            if batch is None:
+                break
+            count = 0
+            parts = []
+            for item in batch:
+                if isinstance(item, bytes):
+                    parts.append(item.decode())
+                else:
+                    parts.append(item.text)
+                    count += 1
+            text = parts[0] if len(parts) == 1 else "\n".join(parts)
+            conn.send_started = time.monotonic()
+            try:
+                await send({"type": "websocket.send", "text": text})
             except Exception:  # the client went away mid-write
                 conn.close(errors.Disconnect(1006, "client_gone", "connection lost"))
                 return
+            finally:
+                conn.send_started = 0.0
+            conn.last_write = time.monotonic()
             if count:
                 delivered.inc(count)
         disconnect = conn.closed

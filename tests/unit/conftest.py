@@ -31,6 +31,7 @@ from hub.protocol import StreamPosition
 from hub.settings import Settings
 
 SECRET = "unit-test-secret-" + "s" * 40
+FAST_WS = "hub.transports.fastws:FastWebSocketProtocol"
 SERVICE_KEY = "svc-unit-key-0123456789abcdef"
 OTHER_SERVICE_KEY = "svc-unit-key-fedcba9876543210"
 
@@ -174,7 +175,7 @@ class LiveServer:
     """uvicorn serving ``app`` on a free port, as a task on the test's own event loop (so
     tests can reach ``app.state.hub`` directly)."""
 
-    def __init__(self, app: FastAPI, settings: Settings) -> None:
+    def __init__(self, app: FastAPI, settings: Settings, ws: str = FAST_WS) -> None:
         self.app = app
         config = uvicorn.Config(
             app,
@@ -184,7 +185,7 @@ class LiveServer:
             log_config=None,
             log_level="warning",
             access_log=False,
-            ws="websockets-sansio",
+            ws=ws,
             ws_max_size=settings.max_frame_bytes,
             ws_per_message_deflate=False,
             timeout_graceful_shutdown=2,
@@ -225,14 +226,19 @@ class LiveServer:
             await asyncio.wait_for(self._task, timeout=10)
 
 
-@pytest.fixture
-async def live(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
-    """``server = await live(**settings)`` starts a server; every one stops at teardown."""
+@pytest.fixture(params=[FAST_WS, "websockets-sansio"], ids=["fast-ws", "asgi-ws"])
+async def live(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Callable[..., Any]]:
+    """``server = await live(**settings)`` starts a server; every one stops at teardown.
+
+    Every test runs twice: with herald's pre-framed WebSocket protocol (what ``herald
+    serve`` uses) and with plain uvicorn (the portable ASGI write path)."""
     stack = contextlib.AsyncExitStack()
 
     async def start(**overrides: Any) -> LiveServer:
         settings = make_settings(tmp_path, **overrides)
-        return await stack.enter_async_context(LiveServer(create_app(settings), settings))
+        return await stack.enter_async_context(
+            LiveServer(create_app(settings), settings, ws=request.param)
+        )
 
     async with stack:
         yield start
