@@ -75,8 +75,8 @@ class SSEStream:
             "connected", self._connected, self.cursor()
         )
         while True:
-            # sse-starlette sends the heartbeat comments; wake up rarely on our own.
-            batch = await conn.next_batch(3600.0)
+            # sse-starlette sends the heartbeat comments: no timer of our own.
+            batch = await conn.next_batch()
             if batch is None:
                 break
             if not batch:
