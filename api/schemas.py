@@ -9,10 +9,11 @@ from __future__ import annotations
 import math
 import re
 import uuid
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal, Self
 
 from pydantic import (
+    AfterValidator,
     AwareDatetime,
     BaseModel,
     BeforeValidator,
@@ -253,7 +254,19 @@ def _iso_only(value: object) -> object:
 
 
 _ISO_DATETIME = re.compile(r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}")
-IsoDatetime = Annotated[AwareDatetime, BeforeValidator(_iso_only)]
+
+
+def _in_utc_range(value: datetime) -> datetime:
+    """Normalise to UTC; a moment that leaves the representable range in UTC (year 1
+    with a positive offset, year 9999 with a negative one) is a validation error, not
+    an overflow deep in the database driver."""
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:
+        raise ValueError("date is out of the supported range") from None
+
+
+IsoDatetime = Annotated[AwareDatetime, BeforeValidator(_iso_only), AfterValidator(_in_utc_range)]
 
 UserSort = Literal["created_at", "-created_at", "username", "-username", "email", "-email"]
 
@@ -440,38 +453,4 @@ class ApiKeyCreated(ApiKeyRead):
     key: str = Field(examples=["hk_3q2-7f...Vt0"])
 
 
-# -- errors (documentation of the envelope every 4xx/5xx uses) ---------------------------
-
-
-class ErrorDetail(BaseModel):
-    loc: list[str] = Field(description="where: ['body', 'email'], ['query', 'size'], ...")
-    type: str | None = None
-    message: str | None = None
-
-
-class ErrorBody(BaseModel):
-    code: str = Field(description="stable machine-readable code, e.g. 'email_taken'")
-    message: str
-    request_id: str | None = Field(description="the X-Request-ID of the request")
-    details: list[ErrorDetail] | None = Field(default=None, description="field errors, if any")
-
-
-class ErrorResponse(BaseModel):
-    model_config = ConfigDict(
-        json_schema_extra={
-            "examples": [
-                {
-                    "error": {
-                        "code": "email_taken",
-                        "message": "an account with this e-mail address already exists",
-                        "request_id": "4be0643f1d98573b97cdca98a65347dd",
-                        "details": [
-                            {"loc": ["body", "email"], "type": "unique", "message": "already taken"}
-                        ],
-                    }
-                }
-            ]
-        }
-    )
-
-    error: ErrorBody
+# The error envelope every 4xx/5xx uses is documented by hub.http_errors.ErrorResponse.

@@ -8,13 +8,14 @@ from typing import Annotated, Any
 
 import orjson
 from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel, ConfigDict, Field, JsonValue
 
 from . import errors
 from .auth import Principal, bearer_credential
 from .broker import BrokerUnavailable, PublishRequest
 from .errors import HubError
-from .http_errors import OrjsonResponse
+from .http_errors import OrjsonResponse, error_responses
 from .hub import Hub
 from .policy import check_publish, validate_channel
 from .protocol import encode_data, parse_offset, validate_event_name
@@ -116,7 +117,7 @@ def _out(pub: Any) -> PublishOut:
     response_model=PublishOut,
     tags=["publish"],
     summary="Publish one message (services: API key with the publish scope)",
-    responses={401: {}, 403: {}, 413: {}, 429: {}, 503: {}},
+    responses=error_responses(401, 403, 413, 429),
 )
 async def publish(
     message: PublishIn, hub: HubDep, principal: PrincipalDep, response: Response
@@ -132,7 +133,7 @@ async def publish(
     response_model=PublishBatchOut,
     tags=["publish"],
     summary="Publish many messages in one round trip, in order",
-    responses={401: {}, 403: {}, 413: {}, 429: {}, 503: {}},
+    responses=error_responses(401, 403, 413, 429),
 )
 async def publish_batch(
     body: PublishBatchIn, hub: HubDep, principal: PrincipalDep, response: Response
@@ -151,6 +152,7 @@ async def publish_batch(
     response_model=SubscribeTokenOut,
     tags=["auth"],
     summary="A short-lived token for EventSource's ?token= (browsers cannot send headers)",
+    responses=error_responses(401, 403),
 )
 async def subscribe_token(hub: HubDep, principal: PrincipalDep) -> SubscribeTokenOut:
     if principal.kind != "user":
@@ -174,6 +176,7 @@ async def subscribe_token(hub: HubDep, principal: PrincipalDep) -> SubscribeToke
     response_model=DisconnectOut,
     tags=["admin"],
     summary="Close every live connection of a user on every worker",
+    responses=error_responses(401, 403),
 )
 async def disconnect_user(
     user_id: str, hub: HubDep, principal: PrincipalDep, revoke: bool = False
@@ -225,7 +228,7 @@ def _may_read(hub: Hub, principal: Principal, channel: str) -> str:
     response_model=HistoryOut,
     tags=["channels"],
     summary="Messages of a channel after an offset (oldest first)",
-    responses={400: {}, 401: {}, 403: {}, 503: {}},
+    responses=error_responses(401, 403),
 )
 async def history(
     channel: str,
@@ -262,7 +265,7 @@ async def history(
     response_model=PresenceOut,
     tags=["channels"],
     summary="Who is subscribed to a channel, on every worker",
-    responses={400: {}, 401: {}, 403: {}, 503: {}},
+    responses=error_responses(401, 403),
 )
 async def presence(channel: str, hub: HubDep, principal: PrincipalDep) -> PresenceOut:
     name = _may_read(hub, principal, channel)
@@ -287,7 +290,7 @@ class StatsOut(BaseModel):
     response_model=StatsOut,
     tags=["admin"],
     summary="Live counts summed over every worker (admin)",
-    responses={401: {}, 403: {}},
+    responses=error_responses(401, 403),
 )
 async def stats(hub: HubDep, principal: PrincipalDep) -> StatsOut:
     if not principal.is_admin:
@@ -337,6 +340,12 @@ async def ready(request: Request, hub: HubDep) -> OrjsonResponse:
     )
 
 
-@router.get("/metrics", tags=["health"], summary="Prometheus metrics (all workers)")
+@router.get(
+    "/metrics",
+    tags=["health"],
+    summary="Prometheus metrics (all workers)",
+    response_class=PlainTextResponse,
+    responses={200: {"content": {"text/plain": {}}}},
+)
 async def metrics(hub: HubDep) -> Response:
     return Response(hub.metrics.render(), media_type=hub.metrics.content_type)

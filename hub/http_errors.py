@@ -14,14 +14,89 @@ from typing import Any, cast
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
+from starlette.routing import Match
 
 from . import errors
 from .broker.base import BrokerUnavailable
 from .errors import HubError
 
 logger = logging.getLogger("herald.http")
+
+
+# -- the envelope, for OpenAPI ------------------------------------------------------------
+
+
+class ErrorDetail(BaseModel):
+    loc: list[str] = Field(description="where: ['body', 'email'], ['query', 'size'], ...")
+    type: str | None = None
+    message: str | None = None
+
+
+class ErrorBody(BaseModel):
+    code: str = Field(description="stable machine-readable code, e.g. 'email_taken'")
+    message: str
+    request_id: str | None = Field(description="the X-Request-ID of the request")
+    details: list[ErrorDetail] | None = Field(default=None, description="field errors, if any")
+
+
+class ErrorResponse(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "error": {
+                        "code": "email_taken",
+                        "message": "an account with this e-mail address already exists",
+                        "request_id": "4be0643f1d98573b97cdca98a65347dd",
+                        "details": [
+                            {"loc": ["body", "email"], "type": "unique", "message": "already taken"}
+                        ],
+                    }
+                }
+            ]
+        }
+    )
+
+    error: ErrorBody
+
+
+_DESCRIPTIONS = {
+    400: "Malformed request",
+    401: "Missing, invalid, expired or revoked credentials",
+    403: "Authenticated but not allowed",
+    404: "Not found",
+    409: "Conflicts with existing data",
+    413: "Payload too large",
+    415: "Unsupported media type",
+    422: "Invalid input (field errors in `details`)",
+    429: "Rate limited; retry after `Retry-After` seconds",
+    503: "A dependency is unavailable",
+}
+_RATE_HEADERS = {
+    "Retry-After": {"description": "seconds to wait", "schema": {"type": "integer"}},
+    "X-RateLimit-Limit": {"schema": {"type": "integer"}},
+    "X-RateLimit-Remaining": {"schema": {"type": "integer"}},
+    "X-RateLimit-Reset": {"schema": {"type": "integer"}},
+}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """``responses=`` entries with the error envelope for ``statuses`` (400, 422 and 503
+    always: a body or query that cannot be parsed or does not validate; a dependency
+    cannot be reached)."""
+    result: dict[int | str, dict[str, Any]] = {}
+    for status in sorted({*statuses, 400, 422, 503}):
+        entry: dict[str, Any] = {"model": ErrorResponse, "description": _DESCRIPTIONS[status]}
+        if status == 429:
+            entry["headers"] = _RATE_HEADERS
+        if status == 503:
+            entry["headers"] = {"Retry-After": _RATE_HEADERS["Retry-After"]}
+        result[status] = entry
+    return result
+
 
 STATUS_BY_CODE: dict[str, int] = {
     errors.BAD_REQUEST: 400,
@@ -98,6 +173,16 @@ def _validation_details(exc: RequestValidationError) -> list[dict[str, Any]]:
     return details
 
 
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route of the app accepts for this request's path."""
+    allowed = []
+    for method in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"):
+        scope = {**request.scope, "method": method}
+        if any(route.matches(scope)[0] is Match.FULL for route in request.app.router.routes):
+            allowed.append(method)
+    return allowed
+
+
 def install_error_handlers(app: FastAPI) -> None:
     async def hub_error(request: Request, exc: Exception) -> OrjsonResponse:
         exc = cast(HubError, exc)
@@ -123,12 +208,17 @@ def install_error_handlers(app: FastAPI) -> None:
         exc = cast(StarletteHTTPException, exc)
         code = HTTP_STATUS_CODES.get(exc.status_code, "error")
         message = exc.detail if isinstance(exc.detail, str) else code.replace("_", " ")
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            # Starlette names only the first route's methods; a path served by several
+            # routes (GET and PATCH /users/me) must list them all.
+            headers["Allow"] = ", ".join(allowed_methods(request))
         return error_response(
             exc.status_code,
             code,
             message,
             request_id=request_id_of(request),
-            headers=exc.headers,
+            headers=headers,
         )
 
     async def broker_unavailable(request: Request, exc: Exception) -> OrjsonResponse:

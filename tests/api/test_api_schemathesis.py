@@ -79,14 +79,8 @@ schema = schemathesis.pytest.from_fixture("api_schema").include(
 # positive_data_acceptance demands a 2xx for every schema-valid body, but business rules
 # a schema cannot express refuse some (a password confirmation that differs, a phone
 # number that is well-formed but not assigned, created_after later than created_before):
-# those answer 422 by design. allow_header_conformance expects a 405's Allow header to
-# list every method of the path; Starlette's router lists only the first matching
-# route's (GET /users/me answers OPTIONS with "Allow: GET", not "GET, PATCH"). That is
-# the hub's 405 handler to fix for every route, not something one extension can do.
-CHECKS_EXCLUDED = [
-    schemathesis.checks.positive_data_acceptance,
-    schemathesis.checks.allow_header_conformance,
-]
+# those answer 422 by design.
+CHECKS_EXCLUDED = [schemathesis.checks.positive_data_acceptance]
 
 
 @schema.parametrize()

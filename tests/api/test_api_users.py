@@ -588,3 +588,16 @@ async def test_export_of_many_users_is_complete(client, context):
 async def test_new_user_body_helper_is_valid():
     body = new_user_body()
     assert body["password"] == body["password_confirm"] == PASSWORD
+
+
+async def test_filter_dates_outside_the_utc_range_are_a_validation_error(client, context):
+    # Year 1 at +00:01 is before year 1 in UTC: refused, not a database overflow.
+    _, admin_token = await make_admin(context, client)
+    for path in ("/api/v1/users", "/api/v1/users/export"):
+        response = await client.get(
+            path,
+            params={"created_after": "0001-01-01T00:00:00+00:01"},
+            headers=bearer(admin_token),
+        )
+        assert response.status_code == 422, response.text
+        assert response.json()["error"]["code"] == "validation_error"

@@ -437,3 +437,10 @@ async def test_stats_are_admin_only_and_count_live_connections(api: Api) -> None
         "delivered": {"websocket": 0, "sse": 0},
     }
     api.hub.release_connection(conn)
+
+
+async def test_405_lists_every_method_of_the_path(api: Api) -> None:
+    response = await api.client.put("/api/v1/publish", json={})
+    assert response.status_code == 405
+    assert response.headers["allow"] == "POST"
+    assert response.json()["error"]["code"] == "method_not_allowed"
