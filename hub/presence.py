@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from .broker import Broker, BrokerUnavailable
@@ -32,15 +32,38 @@ class PresenceTracker:
         self._publish = publish
         # channel -> client id -> user id, for this worker's connections only
         self._local: dict[str, dict[str, str]] = {}
-        self._pending: set[asyncio.Task[None]] = set()
+        self._pending: set[asyncio.Future[None]] = set()
+        self._chains: dict[tuple[str, str], asyncio.Future[None]] = {}
 
     def client_id(self, conn: Connection) -> str:
         return f"{self._node_id}-{conn.id}"
 
-    def _spawn(self, coro: Awaitable[None]) -> None:
-        task = asyncio.ensure_future(coro)
+    def _spawn(self, coro: Coroutine[Any, Any, None], key: tuple[str, str] | None = None) -> None:
+        """Run ``coro`` in the background; writes with the same ``key`` (channel, client)
+        run one after the other, so a leave never overtakes its join in Redis or on the
+        channel (which would leave a ghost entry for a whole TTL)."""
+        previous = self._chains.get(key) if key is not None else None
+
+        async def after_previous() -> None:
+            try:
+                if previous is not None:
+                    await asyncio.wait({previous})  # never raises, even if it was cancelled
+            except BaseException:  # cancelled while waiting: the write never starts
+                coro.close()
+                raise
+            await coro
+
+        task = asyncio.ensure_future(after_previous() if previous is not None else coro)
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
+        if key is not None:
+            self._chains[key] = task
+
+            def forget(done: asyncio.Future[None]) -> None:
+                if self._chains.get(key) is done:
+                    del self._chains[key]
+
+            task.add_done_callback(forget)
 
     def joined(self, conn: Connection, channel: str) -> None:
         options = self._settings.channel_options(channel)
@@ -48,7 +71,7 @@ class PresenceTracker:
             return
         client, user = self.client_id(conn), conn.principal.subject
         self._local.setdefault(channel, {})[client] = user
-        self._spawn(self._write_join(channel, client, user, options.join_leave))
+        self._spawn(self._write_join(channel, client, user, options.join_leave), (channel, client))
 
     def left(self, conn: Connection, channel: str) -> None:
         entries = self._local.get(channel)
@@ -59,7 +82,7 @@ class PresenceTracker:
         if not entries:
             del self._local[channel]
         join_leave = self._settings.channel_options(channel).join_leave
-        self._spawn(self._write_leave(channel, client, user, join_leave))
+        self._spawn(self._write_leave(channel, client, user, join_leave), (channel, client))
 
     async def _write_join(self, channel: str, client: str, user: str, announce: bool) -> None:
         try:
@@ -97,10 +120,26 @@ class PresenceTracker:
             snapshot = {channel: dict(entries) for channel, entries in self._local.items()}
             try:
                 await self._broker.presence_update(snapshot, self._settings.presence_ttl)
+                self._remove_left_since(snapshot)
             except BrokerUnavailable:
                 logger.info("presence refresh skipped: broker unavailable")
             except Exception:
                 logger.exception("presence refresh failed")
+
+    def _remove_left_since(self, snapshot: dict[str, dict[str, str]]) -> None:
+        """A client that left while the refresh was in flight may have been written back
+        after its leave was: remove it again (in its own write order)."""
+        for channel, entries in snapshot.items():
+            current = self._local.get(channel, {})
+            for client in entries:
+                if client not in current:
+                    self._spawn(self._remove(channel, client), (channel, client))
+
+    async def _remove(self, channel: str, client: str) -> None:
+        try:
+            await self._broker.presence_remove(channel, [client])
+        except Exception:
+            logger.info("presence removal of %s on %s failed", client, channel)
 
     async def snapshot(self, channel: str) -> dict[str, Any]:
         """Presence of ``channel`` on every worker: users with their connection counts."""
