@@ -223,7 +223,7 @@ async def _stream(
     event_source = EventSourceResponse(
         stream.events(),
         headers=SSE_HEADERS,
-        ping=max(1, int(settings.heartbeat_interval)),
+        ping=settings.heartbeat_interval,
         send_timeout=settings.send_timeout,
         shutdown_grace_period=settings.shutdown_grace,
     )
