@@ -31,9 +31,10 @@ def _common(p: argparse.ArgumentParser, *, subs: str) -> None:
     p.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     p.add_argument(
         "--ws",
-        default="websockets-sansio",
-        choices=["websockets-sansio", "websockets", "wsproto"],
-        help="uvicorn WebSocket implementation",
+        default="herald",
+        choices=["herald", "websockets-sansio", "websockets", "wsproto"],
+        help="herald serve --ws: herald (the pre-framed fan-out path) or one of uvicorn's "
+        "(websockets-sansio was the default before commit 46d8b20)",
     )
     p.add_argument(
         "--server-cpus",
@@ -104,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--impls",
         type=lambda s: s.split(","),
-        default=["websockets-sansio", "websockets", "wsproto"],
+        default=["herald", "websockets-sansio", "websockets", "wsproto"],
     )
     p.add_argument("--duration", type=float, default=8.0)
     p.add_argument("--rates", type=_floats, help="explicit message rates (msg/s)")
@@ -113,7 +114,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--settle", type=float, default=5.0)
     p.add_argument("--idle-seconds", type=float, default=10.0)
     p.set_defaults(func=_compare_ws)
+    p = sub.add_parser("ab", help="before/after: variants' servers side by side, interleaved")
+    _common(p, subs="5000")
+    p.add_argument(
+        "--variant",
+        dest="variants",
+        action="append",
+        required=True,
+        help="NAME[:dir=PATH][:ws=IMPL][:gc=MODE][:HERALD_X=value]; the first is the baseline",
+    )
+    p.add_argument("--transport", dest="transports", type=lambda s: [s], default=["ws"])
+    p.add_argument("--users", action="store_true", help="one user:{id} channel per subscriber")
+    p.add_argument("--rates", type=_floats, default=[1.0, 2.0, 3.0, 20.0], help="msg/s")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--duration", type=float, default=8.0, help="seconds per step")
+    p.add_argument("--settle", type=float, default=4.0, help="seconds before measuring RSS")
+    p.add_argument("--idle-seconds", type=float, default=5.0, help="idle CPU sample")
+    p.add_argument("--churn", type=int, default=0, help="close/reopen cycles per variant")
+    p.add_argument("--profile", type=float, help="then py-spy one step per variant at this rate")
+    p.add_argument("--churn-pause", type=float, default=5.0)
+    p.set_defaults(func=_ab)
     return parser
+
+
+def _ab(args: argparse.Namespace) -> dict:
+    from .ab import scenario_ab
+
+    return scenario_ab(args)
 
 
 def _users(args: argparse.Namespace) -> dict:

@@ -98,7 +98,14 @@ class Bench:
     """
 
     def __init__(
-        self, args: Any, *, ws: str | None = None, workers: int = 1, gc: str = "default"
+        self,
+        args: Any,
+        *,
+        ws: str | None = None,
+        workers: int = 1,
+        gc: str = "default",
+        repo: str | None = None,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.args = args
         self.gc = gc
@@ -117,7 +124,8 @@ class Bench:
             redis_url=args.redis_url,
             ws=ws or args.ws,
             cpus=server_cpus if server_cpus != "none" else None,
-            env={"HERALD_BENCH_GC_MODE": gc},
+            env={"HERALD_BENCH_GC_MODE": gc, **(env or {})},
+            repo=repo,
         )
         # The controller runs beside the generator, never on the server's core.
         os.sched_setaffinity(0, self.client_cpus or range(os.cpu_count() or 1))

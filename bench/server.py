@@ -40,10 +40,11 @@ class Server:
         workers: int = 1,
         broker: str = "redis",
         redis_url: str = DEFAULT_REDIS,
-        ws: str = "websockets-sansio",
+        ws: str = "herald",
         cpus: str | None = "0",
         env: dict[str, str] | None = None,
         gc_watch: bool = True,
+        repo: Path | str | None = None,
     ) -> None:
         if broker not in ("redis", "memory"):
             raise ValueError("broker must be redis or memory")
@@ -62,6 +63,8 @@ class Server:
         self.log_path = self.tmp / "server.log"
         self.gc_watch = gc_watch
         self.extra_env = dict(env or {})
+        # The checkout whose ``hub`` package runs (another worktree for before/after runs).
+        self.repo = Path(repo).resolve() if repo else REPO
         self.process: subprocess.Popen[bytes] | None = None
         self._log = None
 
@@ -90,6 +93,13 @@ class Server:
 
     def command_line(self) -> str:
         env = [f"HERALD_REDIS_URL={self.redis_url}"] if self.redis_url else []
+        env += [
+            f"{k}={v}"
+            for k, v in sorted(self.extra_env.items())
+            if k.startswith("HERALD_") and not k.startswith("HERALD_BENCH_")
+        ]
+        if self.repo != REPO:
+            env.insert(0, f"PYTHONPATH={self.repo}")
         cmd = self.command()
         cmd[cmd.index(sys.executable)] = "python"
         return " ".join([*env, *cmd])
@@ -114,11 +124,11 @@ class Server:
         )
         if self.redis_url:
             env["HERALD_REDIS_URL"] = self.redis_url
+        paths = [str(self.repo), *filter(None, [os.environ.get("PYTHONPATH")])]
         if self.gc_watch:
             env["HERALD_BENCH_GC_DIR"] = str(self.gc_dir)
-            env["PYTHONPATH"] = os.pathsep.join(
-                [str(GCWATCH), str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]
-            )
+            paths.insert(0, str(GCWATCH))
+        env["PYTHONPATH"] = os.pathsep.join(paths)
         env.update(self.extra_env)
         return env
 

@@ -23,6 +23,7 @@ from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 from starlette.types import Receive, Scope, Send
 
+from . import gc_tuning
 from .auth import Authenticator, TokenService
 from .broker import BrokerConfig, create_broker
 from .http import router as hub_router
@@ -135,6 +136,8 @@ def create_app(
             async with contextlib.AsyncExitStack() as stack:
                 for extension in extensions:
                     await stack.enter_async_context(extension.lifespan(app))
+                # Everything alive now lives as long as the process: freeze it (GC).
+                stack.enter_context(gc_tuning.tune(settings, lambda: hub.registry.connections))
                 signals.install()
                 yield {DRAIN_STATE_KEY: hub.drain}
         finally:

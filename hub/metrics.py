@@ -4,12 +4,22 @@
 workers start; every worker then writes its samples there and ``/metrics`` on any
 worker reports the sum. Metric objects live on a per-app registry (no import-time
 globals), so tests can build many apps in one process.
+
+Deliveries are counted on the hot path (every write to a subscriber connection), where
+a multiprocess ``Counter.inc()`` costs ~0.75 us (a lock, a ``getpid()`` and an mmap
+write): a few per cent of a delivery at one message per frame. So ``delivered`` is a
+:class:`BufferedCounter`: ``inc()`` adds to a plain integer (~0.05 us) and the totals
+reach the exported counter at least once a second, whenever this worker renders
+``/metrics`` or the stats, and at exit. Its meaning is unchanged: messages *written*.
 """
 
 from __future__ import annotations
 
+import asyncio
+import atexit
 import glob
 import os
+import weakref
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -52,11 +62,14 @@ class Metrics:
             multiprocess_mode="livesum",
         )
         self.published = Counter("herald_messages_published", "Messages published", registry=reg)
-        self.delivered = Counter(
-            "herald_messages_delivered",
-            "Messages written to subscriber connections",
-            ["transport"],
-            registry=reg,
+        self.delivered = BufferedCounter(
+            Counter(
+                "herald_messages_delivered",
+                "Messages written to subscriber connections "
+                "(exported at most a second late: counted in memory, flushed every second)",
+                ["transport"],
+                registry=reg,
+            )
         )
         self.outbox_drops = Counter(
             "herald_outbox_dropped_messages",
@@ -78,7 +91,12 @@ class Metrics:
             "herald_request_errors", "Error replies sent to clients", ["code"], registry=reg
         )
 
+    def flush(self) -> None:
+        """Move the buffered counts into the exported counters."""
+        self.delivered.flush()
+
     def render(self) -> bytes:
+        self.flush()
         if multiprocess_enabled():
             forget_dead_processes()
             collect = CollectorRegistry()
@@ -89,6 +107,7 @@ class Metrics:
     def totals(self) -> dict[str, dict[str, float]]:
         """Every sample summed by metric name and label values, over all workers
         (for the admin stats endpoint)."""
+        self.flush()
         if multiprocess_enabled():
             source = CollectorRegistry()
             multiprocess.MultiProcessCollector(source)  # type: ignore[no-untyped-call]
@@ -108,6 +127,69 @@ class Metrics:
     def mark_process_dead(pid: int) -> None:
         if multiprocess_enabled():
             multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
+
+
+FLUSH_INTERVAL = 1.0
+
+
+class BufferedCounter:
+    """A labelled :class:`Counter` for the hot path: ``labels(...).inc(n)`` adds to a
+    plain integer; :meth:`flush` (scheduled at most ``FLUSH_INTERVAL`` s after the first
+    unflushed ``inc``, and run by ``render``/``totals`` and at exit) adds it to the
+    counter. Event-loop code only (no lock)."""
+
+    def __init__(self, counter: Counter) -> None:
+        self.counter = counter
+        self._children: dict[tuple[str, ...], BufferedChild] = {}
+        self._armed = False
+        _buffered.add(self)
+
+    def labels(self, *values: str) -> BufferedChild:
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = BufferedChild(self, self.counter.labels(*values))
+        return child
+
+    def _arm(self) -> None:
+        self._armed = True
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop (a script or a test): count right away
+            self.flush()
+            return
+        loop.call_later(FLUSH_INTERVAL, self.flush)
+
+    def flush(self) -> None:
+        self._armed = False
+        for child in self._children.values():
+            pending = child.pending
+            if pending:
+                child.pending = 0
+                child.target.inc(pending)
+
+
+class BufferedChild:
+    __slots__ = ("owner", "pending", "target")
+
+    def __init__(self, owner: BufferedCounter, target: Counter) -> None:
+        self.owner = owner
+        self.target = target
+        self.pending = 0
+
+    def inc(self, amount: int = 1) -> None:
+        self.pending += amount
+        owner = self.owner
+        if not owner._armed:
+            owner._arm()
+
+
+_buffered: weakref.WeakSet[BufferedCounter] = weakref.WeakSet()
+
+
+@atexit.register
+def _flush_at_exit() -> None:
+    for counter in list(_buffered):
+        counter.flush()
 
 
 def forget_dead_processes() -> None:

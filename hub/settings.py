@@ -105,10 +105,39 @@ class Settings(BaseSettings):
     # JSON, e.g. {"public": {"history_size": 100, "presence": true, "join_leave": true}}
     namespaces: dict[str, NamespaceOptions] = Field(default_factory=dict)
 
+    # Garbage collector (hub/gc_tuning.py; figures in docs/performance.md).
+    gc: Literal["tuned", "default"] = "tuned"
+    # generation thresholds "g0,g1,g2"; empty: hub.gc_tuning.TUNED_THRESHOLDS
+    gc_thresholds: Annotated[tuple[int, int, int] | None, NoDecode] = None
+    gc_freeze_after: int = Field(default=500, ge=1)
+    gc_thaw_after: int = Field(default=1000, ge=1)
+    gc_check_interval: float = Field(default=0.5, ge=0)
+
     @field_validator("service_keys", "allowed_origins", mode="before")
     @classmethod
     def _csv(cls, value: object) -> object:
         return _split_csv(value)
+
+    @field_validator("gc_thresholds", mode="before")
+    @classmethod
+    def _gc_thresholds(cls, value: object) -> object:
+        if isinstance(value, str):
+            parts = _split_csv(value)
+            if not parts:
+                return None
+            if not isinstance(parts, list) or len(parts) != 3:
+                raise ValueError('three integers "gen0,gen1,gen2", e.g. "50000,20,100"')
+            return tuple(parts)
+        return value
+
+    @field_validator("gc_thresholds")
+    @classmethod
+    def _gc_thresholds_positive(
+        cls, value: tuple[int, int, int] | None
+    ) -> tuple[int, int, int] | None:
+        if value is not None and (value[0] < 1 or value[1] < 1 or value[2] < 1):
+            raise ValueError("each threshold must be at least 1 (HERALD_GC=default for stock)")
+        return value
 
     @field_validator("service_keys")
     @classmethod
