@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 from .scenarios import (
     prepare,
@@ -49,6 +50,10 @@ def _common(p: argparse.ArgumentParser, *, subs: str) -> None:
     p.add_argument("--client-procs", type=int, default=2, help="client processes")
     p.add_argument("--concurrency", type=int, default=200, help="connects in flight per process")
     p.add_argument("--tag", help="suffix of the results file name")
+    p.add_argument(
+        "--server-dir",
+        help="run the hub package of this checkout (e.g. a git worktree of another commit)",
+    )
     p.add_argument(
         "--gc",
         type=lambda s: s.split("/"),
@@ -137,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _ab(args: argparse.Namespace) -> dict:
+def _ab(args: argparse.Namespace) -> dict[str, Any]:
     from .ab import scenario_ab
 
     return scenario_ab(args)

@@ -12,7 +12,8 @@ A variant is ``NAME[:key=value[:key=value...]]``:
 
 * ``dir=PATH``: run the ``hub`` package of another checkout, e.g. a worktree of the
   commit before an optimisation (``git worktree add /tmp/herald-before <commit>``);
-* ``ws=IMPL``: uvicorn ``--ws`` for this variant;
+* ``ws=IMPL``: ``herald serve --ws`` for this variant;
+* ``transport=ws|sse``: this variant's subscribers (default ``--transport``);
 * ``gc=MODE``: the bench-only GC what-if of ``bench/gcwatch`` (default, off, freeze, a,b,c);
 * ``HERALD_X=value``: a server setting (values may contain commas).
 
@@ -44,6 +45,7 @@ class Variant:
     name: str
     repo: str | None = None
     ws: str | None = None
+    transport: str | None = None
     gc: str = "default"
     env: dict[str, str] = field(default_factory=dict)
 
@@ -65,6 +67,10 @@ class Variant:
                 variant.ws = value
             elif key == "gc":
                 variant.gc = value
+            elif key == "transport":
+                if value not in ("ws", "sse"):
+                    raise ValueError(f"variant {spec!r}: transport is ws or sse")
+                variant.transport = value
             elif key.startswith("HERALD_"):
                 variant.env[key] = value
             else:
@@ -183,7 +189,9 @@ def _frozen(bench: Bench) -> int | None:
 
 
 def _specs(args: Any, index: int, subs: int) -> list[Spec]:
-    ids = [f"v{index}u{i}" for i in range(subs)]
+    # The same users on every variant's server: the publisher of ``--users`` picks
+    # ``user:u<i>`` channels, and only user u<i> may subscribe to one.
+    ids = [f"u{i}" for i in range(subs)]
     toks = tokens(ids)
     if args.users:
         return [Spec(t, f"user:{i}") for t, i in zip(toks, ids, strict=True)]
@@ -218,6 +226,7 @@ def scenario_ab(args: Any) -> dict[str, Any]:
         # Connect one variant at a time, measuring idle memory per connection.
         for index, v in enumerate(variants):
             bench = benches[v.name]
+            transport = v.transport or args.transports[0]
             bench.open_pool(transport)
             warm = [Spec(t, FANOUT_CHANNEL) for t in tokens([f"v{index}w{i}" for i in range(50)])]
             connect_all(bench, transport, warm, 50)
@@ -234,6 +243,7 @@ def scenario_ab(args: Any) -> dict[str, Any]:
             idle_util = (bench.server.cpu() - cpu0) / (time.monotonic() - t0)
             row = {
                 "variant": v.name,
+                "transport": transport,
                 "subs": conn["ok"],
                 "connect_s": round(conn["elapsed"], 1),
                 "connect_cpu_per_1k": round(conn["server_cpu"] / max(1, conn["ok"]) * 1000, 3),
@@ -274,6 +284,7 @@ def scenario_ab(args: Any) -> dict[str, Any]:
                         expected_per_msg=expected,
                     )  # fmt: skip
                     row["variant"] = name
+                    row["transport"] = bench.pool.transport  # type: ignore[union-attr]
                     row["round"] = rnd
                     sizes = [
                         sn["gen_sizes"] for sn in bench.server.gc_snapshots() if "gen_sizes" in sn
@@ -307,6 +318,7 @@ def scenario_ab(args: Any) -> dict[str, Any]:
                     bench.pool = None
                 time.sleep(args.churn_pause)
                 rss_closed = bench.server.rss()
+                transport = v.transport or args.transports[0]
                 bench.open_pool(transport)
                 conn = connect_all(bench, transport, _specs(args, index, subs), args.concurrency)
                 time.sleep(args.churn_pause)

@@ -99,6 +99,26 @@ def report(path: Path) -> str:
         keys = [("ws", "ws"), *STEP_KEYS]
         lines += ["", md_table(data["fanout"], keys)]
         lines += ["", md_table(data["idle"], IDLE_KEYS)]
+    elif scenario == "ab":
+        from .ab import AB_COLUMNS, IDLE_COLUMNS
+
+        lines += ["", "Server commands:", ""]
+        lines += [f"- {name}: `{cmd}`" for name, cmd in data["server_commands"].items()]
+        lines += ["", "Idle memory and the connection storm:", ""]
+        lines += [md_table(data["idle"], IDLE_COLUMNS)]
+        if data["summary"]:
+            lines += ["", "Per rate, median over rounds (ratios to the first variant):", ""]
+            lines += [md_table(data["summary"], AB_COLUMNS)]
+        if data.get("churn"):
+            keys = [
+                ("variant", "variant"),
+                ("cycle", "cycle"),
+                ("rss_closed_mib", "RSS closed MiB"),
+                ("rss_mib", "RSS reconnected MiB"),
+                ("gc2", "gen2 GCs"),
+                ("gc_max_ms", "max GC pause ms"),
+            ]
+            lines += ["", "Churn:", "", md_table(data["churn"], keys)]
     elif scenario == "idle":
         lines += ["", md_table(data["rows"], IDLE_KEYS)]
     elif scenario == "connect":

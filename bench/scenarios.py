@@ -125,7 +125,7 @@ class Bench:
             ws=ws or args.ws,
             cpus=server_cpus if server_cpus != "none" else None,
             env={"HERALD_BENCH_GC_MODE": gc, **(env or {})},
-            repo=repo,
+            repo=repo or getattr(args, "server_dir", None),
         )
         # The controller runs beside the generator, never on the server's core.
         os.sched_setaffinity(0, self.client_cpus or range(os.cpu_count() or 1))

@@ -109,9 +109,9 @@ class Settings(BaseSettings):
     gc: Literal["tuned", "default"] = "tuned"
     # generation thresholds "g0,g1,g2"; empty: hub.gc_tuning.TUNED_THRESHOLDS
     gc_thresholds: Annotated[tuple[int, int, int] | None, NoDecode] = None
-    gc_freeze_after: int = Field(default=500, ge=1)
+    gc_freeze_after: int = Field(default=250, ge=1)
     gc_thaw_after: int = Field(default=1000, ge=1)
-    gc_check_interval: float = Field(default=0.5, ge=0)
+    gc_check_interval: float = Field(default=0.25, ge=0)
 
     @field_validator("service_keys", "allowed_origins", mode="before")
     @classmethod
