@@ -126,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
         dest="variants",
         action="append",
         required=True,
-        help="NAME[:dir=PATH][:ws=IMPL][:gc=MODE][:HERALD_X=value]; the first is the baseline",
+        help="NAME[:dir=PATH][:ws=IMPL][:http=IMPL][:transport=ws|sse][:gc=MODE]"
+        "[:HERALD_X=value]; the first is the baseline",
     )
     p.add_argument("--transport", dest="transports", type=lambda s: [s], default=["ws"])
     p.add_argument("--users", action="store_true", help="one user:{id} channel per subscriber")

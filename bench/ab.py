@@ -13,6 +13,8 @@ A variant is ``NAME[:key=value[:key=value...]]``:
 * ``dir=PATH``: run the ``hub`` package of another checkout, e.g. a worktree of the
   commit before an optimisation (``git worktree add /tmp/herald-before <commit>``);
 * ``ws=IMPL``: ``herald serve --ws`` for this variant;
+* ``http=IMPL``: ``herald serve --http`` for this variant (``httptools`` is the portable
+  SSE path; checkouts before the raw SSE path have no ``--http``);
 * ``transport=ws|sse``: this variant's subscribers (default ``--transport``);
 * ``gc=MODE``: the bench-only GC what-if of ``bench/gcwatch`` (default, off, freeze, a,b,c);
 * ``HERALD_X=value``: a server setting (values may contain commas).
@@ -45,6 +47,7 @@ class Variant:
     name: str
     repo: str | None = None
     ws: str | None = None
+    http: str | None = None
     transport: str | None = None
     gc: str = "default"
     env: dict[str, str] = field(default_factory=dict)
@@ -65,6 +68,8 @@ class Variant:
                 variant.repo = value
             elif key == "ws":
                 variant.ws = value
+            elif key == "http":
+                variant.http = value
             elif key == "gc":
                 variant.gc = value
             elif key == "transport":
@@ -218,7 +223,7 @@ def scenario_ab(args: Any) -> dict[str, Any]:
     with contextlib.ExitStack() as stack:
         benches: dict[str, Bench] = {}
         for v in variants:
-            bench = Bench(args, ws=v.ws, gc=v.gc, repo=v.repo, env=v.env)
+            bench = Bench(args, ws=v.ws, http=v.http, gc=v.gc, repo=v.repo, env=v.env)
             stack.enter_context(bench)
             benches[v.name] = bench
             commands[v.name] = bench.server.command_line()

@@ -41,6 +41,7 @@ class Server:
         broker: str = "redis",
         redis_url: str = DEFAULT_REDIS,
         ws: str = "herald",
+        http: str | None = None,
         cpus: str | None = "0",
         env: dict[str, str] | None = None,
         gc_watch: bool = True,
@@ -54,6 +55,8 @@ class Server:
         self.broker = broker
         self.redis_url = redis_url if broker == "redis" else None
         self.ws = ws
+        # None: `herald serve`'s default (older checkouts have no --http)
+        self.http = http
         self.cpus = cpus
         self.port = free_port()
         self.prefix = f"bench{uuid.uuid4().hex[:10]}"
@@ -87,6 +90,8 @@ class Server:
             "--log-level",
             "warning",
         ]
+        if self.http is not None:
+            cmd += ["--http", self.http]
         if self.cpus is not None:
             cmd = ["taskset", "-c", self.cpus, *cmd]
         return cmd

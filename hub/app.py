@@ -67,6 +67,32 @@ class _SSEApp:
         await sse_endpoint(_hub_of(scope), scope, receive, send)
 
 
+_DIRECT_SSE = RequestIdMiddleware(_SSEApp())
+
+
+class HeraldApp(FastAPI):
+    """FastAPI with a direct route to the two long-lived endpoints, ``/ws`` and ``/sse``.
+
+    Every middleware layer (FastAPI's own included) is a coroutine frame, often with
+    wrapped ``receive``/``send`` closures, that lives as long as the connection: behind
+    the full stack an idle WebSocket held 21 coroutines. These endpoints need none of
+    it (they check origins, authenticate and answer errors themselves), so they are
+    dispatched here; the SSE stream keeps the request id, which its error responses
+    carry. Everything else, including other methods on these paths, takes the stack.
+    """
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path")
+        if path == "/ws" and scope["type"] == "websocket":
+            scope["app"] = self
+            await websocket_endpoint(self.state.hub, scope, receive, send)
+        elif path == "/sse" and scope["type"] == "http" and scope["method"] == "GET":
+            scope["app"] = self
+            await _DIRECT_SSE(scope, receive, send)
+        else:
+            await super().__call__(scope, receive, send)
+
+
 def _client_routes() -> list[BaseRoute]:
     """``/client/herald.js`` (+ ``.d.ts``) and ``/dashboard/``: static files of the
     ``clients`` package, located with ``find_spec`` so the hub never runs its code."""
@@ -145,7 +171,7 @@ def create_app(
             await hub.aclose()
             logger.info("hub stopped")
 
-    app = FastAPI(
+    app = HeraldApp(
         title="Herald",
         version="1.0.0",
         summary="Real-time notification hub: WebSocket and SSE fan-out over Redis",

@@ -19,6 +19,7 @@ APP_FACTORY = "api.app:create_app"
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 HUB_ONLY_FACTORY = "hub.app:create_app"
 FAST_WS = "hub.transports.fastws:FastWebSocketProtocol"
+FAST_HTTP = "hub.transports.fasthttp:FastHttpProtocol"
 
 
 def _settings_or_exit(**overrides: Any) -> Settings:
@@ -63,7 +64,7 @@ def serve(args: argparse.Namespace) -> int:
         workers=settings.workers,
         reload=args.reload,
         loop="uvloop",
-        http="httptools",
+        http=FAST_HTTP if args.http == "herald" else args.http,
         ws=FAST_WS if args.ws == "herald" else args.ws,
         ws_max_size=settings.max_frame_bytes,
         ws_ping_interval=settings.heartbeat_interval,
@@ -166,6 +167,13 @@ def add_commands(sub: Any, *, app: str = APP_FACTORY) -> None:
         choices=["herald", "websockets-sansio", "websockets", "wsproto"],
         help="WebSocket implementation: herald (websockets-sansio plus the pre-framed "
         "fan-out path, the default) or one of uvicorn's",
+    )
+    p.add_argument(
+        "--http",
+        default="herald",
+        choices=["herald", "httptools", "h11"],
+        help="HTTP implementation: herald (httptools plus the raw SSE write path, the "
+        "default) or one of uvicorn's",
     )
     p.add_argument("--app", default=app, help=argparse.SUPPRESS)
     p.set_defaults(func=serve)

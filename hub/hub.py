@@ -21,11 +21,11 @@ from .auth import Authenticator, Principal
 from .broker import Broker, BrokerUnavailable, PublishRequest
 from .connection import Connection, TransportKind
 from .errors import Disconnect, HubError
+from .flusher import Flusher
 from .metrics import Metrics
 from .policy import ChannelPolicy, check_publish, check_subscribe
 from .presence import PresenceTracker
 from .protocol import (
-    PING_FRAME,
     Publication,
     StreamPosition,
     encode_bye,
@@ -71,6 +71,7 @@ class Hub:
         self.policy = policy
         self.metrics = metrics
         self.registry = Registry()
+        self.flusher = Flusher()
         self._channels: dict[str, _ChannelSubscription] = {}
         self._background: set[asyncio.Task[None]] = set()
         self.accepting = True
@@ -109,8 +110,9 @@ class Hub:
 
     async def _sweep(self) -> None:
         """One pass over this worker's connections every few seconds, instead of a timer
-        per connection: queue ``{"op":"ping"}`` on WebSockets idle for a heartbeat
-        interval, and cut writers stuck in one send for longer than ``send_timeout``
+        per connection: queue the transport's heartbeat (``{"op":"ping"}`` on WebSockets,
+        a comment on raw SSE streams) on connections idle for a heartbeat interval, and
+        cut writers stuck in one send for longer than ``send_timeout``
         (only possible on the portable ASGI write path)."""
         settings = self.settings
         heartbeat = settings.heartbeat_interval
@@ -119,15 +121,19 @@ class Hub:
             await asyncio.sleep(interval)
             now = time.monotonic()
             for conn in list(self.registry.connections):
-                if conn.closed is not None or conn.transport != "websocket":
+                if conn.closed is not None:
                     continue
                 if conn.send_started and now - conn.send_started > settings.send_timeout:
                     self.close_connection(conn, errors.SLOW_CONSUMER)
                     self.metrics.slow_consumers.inc()
                     if conn.writer_task is not None:
                         conn.writer_task.cancel()
-                elif now - conn.last_write >= heartbeat and not conn.outbox_size:
-                    conn.enqueue_control(PING_FRAME)
+                elif (
+                    conn.heartbeat is not None
+                    and now - conn.last_write >= heartbeat
+                    and not conn.outbox_size
+                ):
+                    conn.enqueue_control(conn.heartbeat)
 
     def _spawn(self, coro: Any) -> None:
         task: asyncio.Task[None] = asyncio.ensure_future(coro)

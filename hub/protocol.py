@@ -69,15 +69,52 @@ class Publication:
         return StreamPosition(self.offset, self.epoch)
 
 
-@dataclass(frozen=True, slots=True)
 class EncodedMessage:
-    """A publication with its client envelope, encoded once and shared by every subscriber."""
+    """A publication with its client envelope, encoded once and shared by every subscriber.
 
-    publication: Publication
-    envelope: bytes
-    text: str  # the same envelope as str, for ASGI text frames (decoded once, shared)
-    frame: bytes  # the envelope as a complete WebSocket text frame (server frames are
-    # unmasked, so the same bytes go to every connection)
+    The WebSocket frame is built eagerly (every WebSocket subscriber needs it); the SSE
+    forms are built by the first SSE subscriber that needs them and cached here, so a
+    message costs one formatting per worker, not one per subscriber.
+    """
+
+    __slots__ = ("_sse", "envelope", "frame", "position", "publication", "text")
+
+    def __init__(self, publication: Publication, envelope: bytes) -> None:
+        self.publication = publication
+        self.envelope = envelope
+        # the same envelope as str, for ASGI text frames (decoded once, shared)
+        self.text = envelope.decode()
+        # the envelope as a complete WebSocket text frame (server frames are unmasked,
+        # so the same bytes go to every connection)
+        self.frame = ws_text_frame(envelope)
+        self.position = StreamPosition(publication.offset, publication.epoch)
+        self._sse: dict[tuple[bool, bool], bytes] | None = None
+
+    def __repr__(self) -> str:
+        pub = self.publication
+        return f"<EncodedMessage {pub.channel!r} {pub.offset}:{pub.epoch}>"
+
+    def sse_event(self, *, named: bool, chunked: bool = False) -> bytes:
+        """This message as the SSE event of a connection subscribed to its channel alone
+        (its ``id:`` is then the same for every such connection), optionally wrapped as
+        one HTTP/1.1 chunk. ``named=False`` sends it as the default ``message`` event."""
+        key = (named, chunked)
+        cache = self._sse
+        if cache is None:
+            cache = self._sse = {}
+        else:
+            cached = cache.get(key)
+            if cached is not None:
+                return cached
+        if chunked:
+            event = self.sse_event(named=named)
+            value = b"%x\r\n%b\r\n" % (len(event), event)
+        else:
+            pub = self.publication
+            cursor = encode_cursor([pub.channel], [self.position])
+            value = sse_event(pub.event if named else "message", self.envelope, cursor)
+        cache[key] = value
+        return value
 
 
 def encode_message(pub: Publication) -> EncodedMessage:
@@ -98,7 +135,7 @@ def encode_message(pub: Publication) -> EncodedMessage:
             b"}",
         )
     )
-    return EncodedMessage(pub, envelope, envelope.decode(), ws_text_frame(envelope))
+    return EncodedMessage(pub, envelope)
 
 
 def ws_text_frame(payload: bytes) -> bytes:

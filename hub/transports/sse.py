@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
@@ -26,9 +27,10 @@ from starlette.types import Receive, Scope, Send
 
 from .. import errors, protocol
 from ..auth import Principal, bearer_credential
-from ..connection import Connection
+from ..connection import Connection, Outbound
 from ..errors import Disconnect, HubError
 from ..http_errors import error_response, request_id_of
+from .fasthttp import EXTENSION, RawBodyWriter
 from .origin import origin_allowed
 
 if TYPE_CHECKING:
@@ -44,60 +46,153 @@ SSE_HEADERS = {
 }
 
 
+class SSEFormatter:
+    """Turns one connection's outbox batches into SSE bytes.
+
+    Every event's ``id:`` is the cursor of all the connection's channel positions. On
+    a single-channel connection that is the same for every subscriber of the channel,
+    so the event (and its HTTP chunk) comes pre-formatted from the shared
+    :class:`~hub.protocol.EncodedMessage`; otherwise the cursor is rebuilt from cached
+    per-channel tokens, with the channel-set tag computed once.
+    """
+
+    __slots__ = ("_index", "_named", "_single", "_tag", "_tokens")
+
+    def __init__(self, conn: Connection, channels: list[str], *, named: bool) -> None:
+        # Browsers' EventSource only hears event names it listens for by name; with
+        # ?named=0 every message is sent as the default "message" event instead.
+        self._named = named
+        self._single = len(channels) == 1
+        self._tag = protocol.channel_set_tag(channels)
+        self._index = {channel: i for i, channel in enumerate(channels)}
+        positions = [conn.positions.get(channel) for channel in channels]
+        self._tokens = ["" if pos is None else pos.token() for pos in positions]
+
+    def cursor(self) -> str:
+        """The cursor as of the last formatted event (on a single-channel connection,
+        only tracked until the first one: its events carry their own)."""
+        return self._tag + "." + ",".join(self._tokens)
+
+    def format(self, batch: list[Outbound], *, chunked: bool = False) -> tuple[bytes, int]:
+        """The bytes of ``batch`` (one HTTP chunk if ``chunked``) and how many messages
+        it holds. Control items are SSE bytes already (heartbeat comments)."""
+        named = self._named
+        if self._single and len(batch) == 1:
+            item = batch[0]
+            if not isinstance(item, bytes):
+                return item.sse_event(named=named, chunked=chunked), 1
+        parts = []
+        count = 0
+        tokens = self._tokens
+        for item in batch:
+            if isinstance(item, bytes):
+                parts.append(item)
+                continue
+            count += 1
+            if self._single:
+                parts.append(item.sse_event(named=named))
+                continue
+            pub = item.publication
+            tokens[self._index[pub.channel]] = item.position.token()
+            name = pub.event if named else "message"
+            parts.append(protocol.sse_event(name, item.envelope, self.cursor()))
+        body = b"".join(parts)
+        if chunked:
+            body = b"%x\r\n%b\r\n" % (len(body), body)
+        return body, count
+
+
 class SSEStream:
-    """The writer of one SSE connection: turns outbox batches into event bytes."""
+    """The portable writer of one SSE connection (servers without ``herald.raw_body``):
+    an async iterator of outbox batches for sse-starlette, which sends heartbeats and
+    watches for the client going away."""
 
     def __init__(
         self,
         hub: Hub,
         conn: Connection,
-        channels: list[str],
+        formatter: SSEFormatter,
         connected: bytes,
-        *,
-        named_events: bool = True,
     ) -> None:
         self.hub = hub
         self.conn = conn
-        self.channels = channels
+        self._formatter = formatter
         self._connected = connected
-        # Browsers' EventSource only hears event names it listens for by name; with
-        # ?named=0 every message is sent as the default "message" event instead.
-        self._named = named_events
-
-    def cursor(self) -> str:
-        positions = [self.conn.positions.get(ch) for ch in self.channels]
-        return protocol.encode_cursor(self.channels, positions)
 
     async def events(self) -> AsyncIterator[bytes]:
         conn = self.conn
         delivered = self.hub.metrics.delivered.labels("sse")
-        yield protocol.sse_retry(self.hub.settings.sse_retry_ms) + protocol.sse_event(
-            "connected", self._connected, self.cursor()
-        )
+        yield opening_events(self.hub, self._connected, self._formatter)
         while True:
-            # sse-starlette sends the heartbeat comments: no timer of our own.
             batch = await conn.next_batch()
             if batch is None:
                 break
             if not batch:
                 continue
-            chunks = []
-            count = 0
-            positions = conn.positions
-            for item in batch:
-                if isinstance(item, bytes):
-                    chunks.append(item)
-                    continue
-                pub = item.publication
-                positions[pub.channel] = pub.position
-                name = pub.event if self._named else "message"
-                chunks.append(protocol.sse_event(name, item.envelope, self.cursor()))
-                count += 1
-            yield b"".join(chunks)
+            body, count = self._formatter.format(batch)
+            yield body
             delivered.inc(count)
         disconnect = conn.closed
         if disconnect is not None and disconnect.reason != "client_closed":
             yield protocol.sse_event("disconnect", protocol.encode_bye(disconnect))
+
+
+class RawSSEWriter:
+    """The fast path: the connection's drain, run by the worker's flusher. Writes each
+    batch as one chunk straight to the transport, never awaiting the client; a client
+    whose unread bytes pass the outbox byte limit is a slow consumer."""
+
+    __slots__ = ("_conn", "_delivered", "_done", "_formatter", "_hub", "_raw")
+
+    def __init__(
+        self, hub: Hub, conn: Connection, formatter: SSEFormatter, raw: RawBodyWriter
+    ) -> None:
+        self._hub = hub
+        self._conn = conn
+        self._formatter = formatter
+        self._raw = raw
+        self._delivered = hub.metrics.delivered.labels("sse")
+        self._done = False
+
+    def drain(self) -> None:
+        if self._done:
+            return
+        conn = self._conn
+        batch = conn.take_batch()
+        if batch is None:
+            self._goodbye()
+            return
+        if not batch:
+            return
+        raw = self._raw
+        data, count = self._formatter.format(batch, chunked=raw.chunked)
+        if not raw.write_framed(data):
+            conn.close(errors.Disconnect(1006, "client_gone", "connection lost"))
+            self._goodbye()
+            return
+        conn.last_write = time.monotonic()
+        if count:
+            self._delivered.inc(count)
+        if raw.buffered() > conn.max_bytes:
+            self._hub.close_connection(conn, errors.SLOW_CONSUMER)
+            self._hub.metrics.slow_consumers.inc()
+            self._goodbye()
+
+    def _goodbye(self) -> None:
+        """Once: ``event: disconnect`` unless the client went first; the app task then
+        ends the response."""
+        self._done = True
+        disconnect = self._conn.closed
+        if disconnect is not None and disconnect.reason not in ("client_closed", "client_gone"):
+            self._raw.write(protocol.sse_event("disconnect", protocol.encode_bye(disconnect)))
+            self._raw.close_after_response(abort_after=self._hub.settings.send_timeout)
+
+
+def opening_events(hub: Hub, connected: bytes, formatter: SSEFormatter) -> bytes:
+    """``retry:`` and the ``connected`` event, whose id resumes every channel."""
+    return protocol.sse_retry(hub.settings.sse_retry_ms) + protocol.sse_event(
+        "connected", connected, formatter.cursor()
+    )
 
 
 async def _authenticate(hub: Hub, request: Request) -> Principal:
@@ -218,7 +313,12 @@ async def _stream(
         }
     )
     named = request.query_params.get("named", "1").lower() not in ("0", "false", "no")
-    stream = SSEStream(hub, conn, channels, connected, named_events=named)
+    formatter = SSEFormatter(conn, channels, named=named)
+    raw = scope.get("extensions", {}).get(EXTENSION)
+    if raw is not None:
+        await _stream_raw(hub, conn, formatter, connected, raw, send)
+        return
+    stream = SSEStream(hub, conn, formatter, connected)
     settings = hub.settings
     event_source = EventSourceResponse(
         stream.events(),
@@ -233,10 +333,59 @@ async def _stream(
         raise
     except Exception as exc:  # send timeout or a vanished client
         name = type(exc).__name__
-        if name == "SendTimeoutError":
+        if name == "SendTimeoutError" and conn.closed is None:
+            # (an outbox overflow already closed and counted it otherwise)
             hub.close_connection(conn, errors.SLOW_CONSUMER)
             hub.metrics.slow_consumers.inc()
         else:
             logger.debug("sse stream %s ended: %s", conn.id, name)
     finally:
         conn.close(Disconnect(1000, "client_closed", "stream ended"))
+
+
+# uvicorn manages the connection header (keep-alive is HTTP/1.1's default).
+RAW_HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    *(
+        (name.lower().encode(), value.encode())
+        for name, value in SSE_HEADERS.items()
+        if name != "Connection"
+    ),
+]
+
+
+async def _stream_raw(
+    hub: Hub,
+    conn: Connection,
+    formatter: SSEFormatter,
+    connected: bytes,
+    raw: RawBodyWriter,
+    send: Send,
+) -> None:
+    """One task per connection, asleep until the connection closes: events are written
+    by the flusher (:class:`RawSSEWriter`), heartbeats queued by the hub's sweep, and
+    the client going away is reported by the protocol."""
+    await send({"type": "http.response.start", "status": 200, "headers": RAW_HEADERS})
+    await send(
+        {
+            "type": "http.response.body",
+            "body": opening_events(hub, connected, formatter),
+            "more_body": True,
+        }
+    )
+    conn.last_write = time.monotonic()
+    conn.heartbeat = protocol.SSE_HEARTBEAT
+    writer = RawSSEWriter(hub, conn, formatter, raw)
+    raw.on_lost(lambda: conn.close(CLIENT_GONE))
+    conn.attach_drain(writer.drain, hub.flusher)
+    try:
+        await conn.wait_closed()
+    finally:
+        conn.close(CLIENT_GONE)  # cancelled (shutdown): nothing more is written
+        writer.drain()  # the goodbye, where due, before the response ends
+        conn.detach_drain()
+        raw.on_lost(None)
+        raw.finish()  # without waiting for a slow client to read what is buffered
+
+
+CLIENT_GONE = Disconnect(1006, "client_gone", "connection lost")

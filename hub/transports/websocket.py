@@ -10,9 +10,12 @@ Flow (see docs/protocol.md):
 * The reader handles request frames in order; every frame with an ``id`` is answered
   with ``ack`` or ``error``. Replies go through the same outbox as messages, so the
   single writer keeps their order.
-* The writer drains the whole outbox into one text frame (one JSON object per line),
-  sends ``{"op":"ping"}`` when idle for a heartbeat interval, and on close sends
-  ``bye`` then the close code of the :class:`~hub.errors.Disconnect`.
+* The writer drains the whole outbox into one text frame (one JSON object per line)
+  and on close sends ``bye`` then the close code of the :class:`~hub.errors.Disconnect`.
+  Under ``herald serve`` it is a drain run by the worker's flusher, writing pre-framed
+  bytes (:class:`RawWebSocketWriter`); elsewhere, a task sending ASGI messages. The
+  hub's sweep queues ``{"op":"ping"}`` when a connection was idle for a heartbeat
+  interval.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any
 
 from starlette.types import Receive, Scope, Send
 
@@ -114,7 +118,16 @@ class WebSocketSession:
                     expires_at=principal.expires_at,
                 )
             )
-            await self._serve(conn)
+            # A server-side close wakes the writer, which says goodbye; the client's
+            # close (or uvicorn's close timeout, or an abort) then ends the reader.
+            # The request headers (the bearer token among them) were read; nothing
+            # needs them again, and they would stay as long as the connection.
+            self.scope["headers"] = []
+            writer = self._start_writer(conn)
+            try:
+                await self._read_loop(conn)
+            finally:
+                await self._stop_writer(conn, writer)
         finally:
             self.hub.release_connection(conn)
 
@@ -146,23 +159,30 @@ class WebSocketSession:
         except HubError as exc:
             raise _Refused(_auth_disconnect(exc), exc, request_id) from None
 
-    async def _serve(self, conn: Connection) -> None:
-        """Read in this task, write in one other: two tasks per connection, no more.
-
-        A server-side close wakes the writer, which says goodbye; the client's close (or
-        uvicorn's close timeout, or an abort) then ends the reader.
-        """
+    def _start_writer(self, conn: Connection) -> RawWebSocketWriter | asyncio.Task[None]:
+        """The raw path's drain (run by the flusher: no task), or one writer task on the
+        portable path. With the reader, one or two tasks per connection, no more."""
+        conn.heartbeat = protocol.PING_FRAME
         raw = self.scope.get("extensions", {}).get(EXTENSION)
-        writer = asyncio.ensure_future(
-            self._write_raw(conn, raw) if raw is not None else self._write_asgi(conn)
-        )
-        conn.writer_task = writer
+        if raw is not None:
+            writer = RawWebSocketWriter(self.hub, conn, raw)
+            conn.attach_drain(writer.drain, self.hub.flusher)
+            return writer
+        task = conn.writer_task = asyncio.ensure_future(self._write_asgi(conn))
+        return task
+
+    async def _stop_writer(
+        self, conn: Connection, writer: RawWebSocketWriter | asyncio.Task[None]
+    ) -> None:
+        """The reader ended first (client closed, oversized frame) or was cancelled: say
+        goodbye where one is due, then stop the writer."""
+        conn.close(conn.closed or errors.Disconnect(1000, "client_closed", "closed"))
+        if isinstance(writer, RawWebSocketWriter):
+            writer.drain()
+            conn.detach_drain()
+            return
         try:
-            await self._read_loop(conn)
             if not writer.done():
-                # The reader ended first (client closed, oversized frame): let the writer
-                # say goodbye where one is due, briefly.
-                conn.close(conn.closed or errors.Disconnect(1000, "client_closed", "closed"))
                 await asyncio.wait({writer}, timeout=GOODBYE_TIMEOUT)
         finally:
             writer.cancel()
@@ -247,48 +267,6 @@ class WebSocketSession:
 
     # -- writer ----------------------------------------------------------------------------
 
-    async def _write_raw(self, conn: Connection, raw: RawFrameWriter) -> None:
-        """The fast path: already-framed bytes straight to the transport, never awaiting
-        the client. A client whose unread bytes pass the outbox byte limit is a slow
-        consumer."""
-        delivered = self.hub.metrics.delivered.labels("websocket")
-        limit = conn.max_bytes
-        while True:
-            batch = await conn.next_batch()
-            if batch is None:
-                break
-            count = 0
-            if len(batch) == 1:
-                item = batch[0]
-                if isinstance(item, bytes):
-                    data = protocol.ws_text_frame(item)
-                else:
-                    data = item.frame
-                    count = 1
-            else:
-                parts = []
-                for item in batch:
-                    if isinstance(item, bytes):
-                        parts.append(item)
-                    else:
-                        parts.append(item.envelope)
-                        count += 1
-                data = protocol.ws_text_frame(b"\n".join(parts))
-            if not raw.write(data):
-                conn.close(errors.Disconnect(1006, "client_gone", "connection lost"))
-                return
-            conn.last_write = time.monotonic()
-            if count:
-                delivered.inc(count)
-            if raw.buffered() > limit:
-                self.hub.close_connection(conn, errors.SLOW_CONSUMER)
-                self.hub.metrics.slow_consumers.inc()
-                break
-        disconnect = conn.closed
-        if disconnect is not None and disconnect.reason not in ("client_closed", "client_gone"):
-            raw.write(protocol.ws_text_frame(protocol.encode_bye(disconnect)))
-            raw.close(disconnect.code, disconnect.reason, abort_after=self.settings.send_timeout)
-
     async def _write_asgi(self, conn: Connection) -> None:
         """The portable path (servers without the raw-frames extension): ASGI sends. A
         send stuck longer than ``send_timeout`` is cut by the hub's sweep."""
@@ -323,6 +301,72 @@ class WebSocketSession:
             await self._goodbye(disconnect)
 
 
+class RawWebSocketWriter:
+    """The fast path: the connection's drain, run by the worker's flusher. Writes
+    already-framed bytes straight to the transport, never awaiting the client; a client
+    whose unread bytes pass the outbox byte limit is a slow consumer."""
+
+    __slots__ = ("_conn", "_delivered", "_done", "_hub", "_raw")
+
+    def __init__(self, hub: Hub, conn: Connection, raw: RawFrameWriter) -> None:
+        self._hub = hub
+        self._conn = conn
+        self._raw = raw
+        self._delivered = hub.metrics.delivered.labels("websocket")
+        self._done = False
+
+    def drain(self) -> None:
+        if self._done:
+            return
+        conn = self._conn
+        batch = conn.take_batch()
+        if batch is None:
+            self._goodbye()
+            return
+        if not batch:
+            return
+        count = 0
+        if len(batch) == 1:
+            item = batch[0]
+            if isinstance(item, bytes):
+                data = protocol.ws_text_frame(item)
+            else:
+                data = item.frame
+                count = 1
+        else:
+            parts = []
+            for item in batch:
+                if isinstance(item, bytes):
+                    parts.append(item)
+                else:
+                    parts.append(item.envelope)
+                    count += 1
+            data = protocol.ws_text_frame(b"\n".join(parts))
+        raw = self._raw
+        if not raw.write(data):
+            conn.close(errors.Disconnect(1006, "client_gone", "connection lost"))
+            self._goodbye()
+            return
+        conn.last_write = time.monotonic()
+        if count:
+            self._delivered.inc(count)
+        if raw.buffered() > conn.max_bytes:
+            self._hub.close_connection(conn, errors.SLOW_CONSUMER)
+            self._hub.metrics.slow_consumers.inc()
+            self._goodbye()
+
+    def _goodbye(self) -> None:
+        """Once: the ``bye`` frame and the close code, unless the client went first."""
+        self._done = True
+        disconnect = self._conn.closed
+        if disconnect is not None and disconnect.reason not in ("client_closed", "client_gone"):
+            raw = self._raw
+            raw.write(protocol.ws_text_frame(protocol.encode_bye(disconnect)))
+            raw.close(
+                disconnect.code, disconnect.reason, abort_after=self._hub.settings.send_timeout
+            )
+
+
 def _auth_disconnect(error: HubError) -> Disconnect:
     """Failed auth is terminal (4501), unless the broker was down: then retry (4007)."""
     if error.code == errors.UNAVAILABLE:
@@ -346,10 +390,9 @@ class _Refused(Exception):
             self.disconnect = disconnect
 
 
-async def websocket_endpoint(hub: Hub, scope: Scope, receive: Receive, send: Send) -> None:
-    session = WebSocketSession(hub, scope, receive, send)
-    started = time.monotonic()
-    try:
-        await session.run()
-    finally:
-        logger.debug("websocket closed after %.1f s", time.monotonic() - started)
+def websocket_endpoint(
+    hub: Hub, scope: Scope, receive: Receive, send: Send
+) -> Coroutine[Any, Any, None]:
+    """The session's own coroutine, not a wrapper around it: a frame that lives as long
+    as the connection costs memory per connection."""
+    return WebSocketSession(hub, scope, receive, send).run()

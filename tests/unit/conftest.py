@@ -32,6 +32,7 @@ from hub.settings import Settings
 
 SECRET = "unit-test-secret-" + "s" * 40
 FAST_WS = "hub.transports.fastws:FastWebSocketProtocol"
+FAST_HTTP = "hub.transports.fasthttp:FastHttpProtocol"
 SERVICE_KEY = "svc-unit-key-0123456789abcdef"
 OTHER_SERVICE_KEY = "svc-unit-key-fedcba9876543210"
 
@@ -175,8 +176,12 @@ class LiveServer:
     """uvicorn serving ``app`` on a free port, as a task on the test's own event loop (so
     tests can reach ``app.state.hub`` directly)."""
 
-    def __init__(self, app: FastAPI, settings: Settings, ws: str = FAST_WS) -> None:
+    def __init__(
+        self, app: FastAPI, settings: Settings, ws: str = FAST_WS, http: str = FAST_HTTP
+    ) -> None:
         self.app = app
+        # herald's raw write paths (what `herald serve` runs) or plain uvicorn
+        self.raw_paths = http == FAST_HTTP
         config = uvicorn.Config(
             app,
             host="127.0.0.1",
@@ -185,6 +190,7 @@ class LiveServer:
             log_config=None,
             log_level="warning",
             access_log=False,
+            http=http,
             ws=ws,
             ws_max_size=settings.max_frame_bytes,
             ws_per_message_deflate=False,
@@ -226,18 +232,22 @@ class LiveServer:
             await asyncio.wait_for(self._task, timeout=10)
 
 
-@pytest.fixture(params=[FAST_WS, "websockets-sansio"], ids=["fast-ws", "asgi-ws"])
+@pytest.fixture(
+    params=[(FAST_HTTP, FAST_WS), ("httptools", "websockets-sansio")], ids=["fast", "asgi"]
+)
 async def live(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Callable[..., Any]]:
     """``server = await live(**settings)`` starts a server; every one stops at teardown.
 
-    Every test runs twice: with herald's pre-framed WebSocket protocol (what ``herald
-    serve`` uses) and with plain uvicorn (the portable ASGI write path)."""
+    Every test runs twice: with herald's raw write paths (the pre-framed WebSocket
+    protocol and the raw SSE body, what ``herald serve`` uses) and with plain uvicorn
+    (the portable ASGI write paths)."""
+    http, ws = request.param
     stack = contextlib.AsyncExitStack()
 
     async def start(**overrides: Any) -> LiveServer:
         settings = make_settings(tmp_path, **overrides)
         return await stack.enter_async_context(
-            LiveServer(create_app(settings), settings, ws=request.param)
+            LiveServer(create_app(settings), settings, ws=ws, http=http)
         )
 
     async with stack:

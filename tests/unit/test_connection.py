@@ -6,6 +6,8 @@ import asyncio
 import time
 from collections.abc import Callable, Sequence
 
+import pytest
+
 from hub import errors
 from hub.connection import Connection
 from hub.protocol import EncodedMessage, Publication, StreamPosition, encode_message
@@ -326,3 +328,102 @@ async def test_fanout_encodes_once_and_shares_the_object() -> None:
     assert all(item is items[0] for item in items)
     assert bystander.outbox_size == 0
     assert registry.fanout(pub(1, channel="public:nobody")) == 0
+
+
+# -- drains run by the flusher (the raw write paths) --------------------------------------------
+
+
+class RecordingDrain:
+    """A drain that takes the outbox like the raw writers do and records every call."""
+
+    def __init__(self, c: Connection) -> None:
+        self.conn = c
+        self.calls: list[list[int] | None] = []
+
+    def __call__(self) -> None:
+        batch = self.conn.take_batch()
+        self.calls.append(None if batch is None else offsets(batch))
+
+
+async def next_iteration() -> None:
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+
+
+async def test_a_burst_queued_in_one_iteration_is_drained_once() -> None:
+    from hub.flusher import Flusher
+
+    c = conn()
+    drain = RecordingDrain(c)
+    c.attach_drain(drain, Flusher())
+    for n in range(1, 5):
+        c.enqueue_message(msg(n))
+    assert drain.calls == []  # nothing is written inside the fan-out loop itself
+    await next_iteration()
+    assert drain.calls == [[1, 2, 3, 4]]
+    c.enqueue_message(msg(5))
+    await next_iteration()
+    assert drain.calls == [[1, 2, 3, 4], [5]]
+
+
+async def test_what_was_queued_before_attaching_is_flushed() -> None:
+    from hub.flusher import Flusher
+
+    c = conn()
+    c.enqueue_message(msg(1))
+    drain = RecordingDrain(c)
+    c.attach_drain(drain, Flusher())
+    await next_iteration()
+    assert drain.calls == [[1]]
+
+
+async def test_close_runs_the_drain_which_sees_the_end() -> None:
+    from hub.flusher import Flusher
+
+    c = conn()
+    drain = RecordingDrain(c)
+    c.attach_drain(drain, Flusher())
+    c.enqueue_message(msg(1))
+    c.close(errors.SHUTDOWN)
+    await next_iteration()
+    assert drain.calls == [None]  # closed: the queued message is dropped, goodbye is due
+
+
+async def test_detached_drain_is_not_called_again() -> None:
+    from hub.flusher import Flusher
+
+    c = conn()
+    drain = RecordingDrain(c)
+    c.attach_drain(drain, Flusher())
+    c.detach_drain()
+    c.enqueue_message(msg(1))
+    await next_iteration()
+    assert drain.calls == []
+
+
+async def test_one_failing_drain_does_not_stall_the_others(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from hub.flusher import Flusher
+
+    flusher = Flusher()
+    broken, healthy = conn(), conn()
+
+    def explode() -> None:
+        raise RuntimeError("boom")
+
+    drain = RecordingDrain(healthy)
+    broken.attach_drain(explode, flusher)
+    healthy.attach_drain(drain, flusher)
+    broken.enqueue_message(msg(1))
+    healthy.enqueue_message(msg(1))
+    with caplog.at_level("ERROR", logger="herald.flusher"):
+        await next_iteration()
+    assert drain.calls == [[1]]
+    assert "boom" in caplog.text
+    # and the broken connection is still scheduled again next time (not stuck as pending)
+    calls: list[int] = []
+    broken.attach_drain(lambda: calls.append(1), flusher)
+    broken.enqueue_message(msg(2))
+    await next_iteration()
+    assert calls == [1]

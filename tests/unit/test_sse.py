@@ -12,6 +12,8 @@ import httpx
 import orjson
 import pytest
 
+from hub import errors
+
 from .conftest import SERVICE_KEY, LiveServer, wait_until
 
 TIMEOUT = 5.0
@@ -314,3 +316,108 @@ async def test_closing_the_stream_releases_the_connection(server: LiveServer) ->
         assert len(server.hub.registry) == 1
     await wait_until(lambda: len(server.hub.registry) == 0)
     await wait_until(lambda: not server.hub.registry.has_subscribers("public:a"))
+
+
+# -- the write paths: raw (herald serve) and portable (plain uvicorn) --------------------------
+
+
+async def test_the_stream_uses_the_expected_write_path(server: LiveServer) -> None:
+    async with sse(server, ["public:a"], token=issue(server)) as stream:
+        await stream.expect("connected")
+        (conn,) = server.hub.registry.connections
+        assert conn.direct is server.raw_paths
+        await server.hub.publish("public:a", "news", {"n": 1})
+        assert (await stream.expect("news")).data["data"] == {"n": 1}
+
+
+async def test_an_idle_stream_gets_heartbeat_comments(live: Callable[..., Any]) -> None:
+    server: LiveServer = await live(heartbeat_interval=0.1)
+    async with sse(server, ["public:a"], token=issue(server)) as stream:
+        await stream.expect("connected")
+        await asyncio.sleep(0.5)
+        await server.hub.publish("public:a", "news", 1)
+        await stream.expect("news")
+        assert len(stream.comments) >= 2, stream.comments
+        assert all(c.startswith(": ping") for c in stream.comments), stream.comments
+
+
+async def _raw_get(
+    port: int, target: str, token: str
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bytes]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(
+        f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        f"Authorization: Bearer {token}\r\n\r\n".encode()
+    )
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
+    return reader, writer, head
+
+
+async def _read_until(reader: asyncio.StreamReader, needle: bytes) -> bytes:
+    data = b""
+    while needle not in data:
+        chunk = await asyncio.wait_for(reader.read(65536), TIMEOUT)
+        if not chunk:
+            raise EOFError(data)
+        data += chunk
+    return data
+
+
+async def test_server_close_ends_the_chunked_response(server: LiveServer) -> None:
+    reader, writer, head = await _raw_get(server.port, "/sse?channel=user:42", issue(server))
+    try:
+        assert b"transfer-encoding: chunked" in head.lower()
+        await _read_until(reader, b"event: connected\n")
+        await server.hub.disconnect_user("42")
+        body = await _read_until(reader, b"\r\n0\r\n\r\n")  # the last chunk
+        assert b"event: disconnect\n" in body
+        if server.raw_paths:
+            # A stream the server ended is not kept alive: the connection closes.
+            assert await asyncio.wait_for(reader.read(), TIMEOUT) == b""
+    finally:
+        writer.close()
+
+
+async def test_a_slow_stream_is_cut_and_the_reader_keeps_receiving(
+    live: Callable[..., Any],
+) -> None:
+    import socket
+
+    server: LiveServer = await live(
+        outbox_max_messages=64,
+        outbox_max_bytes=65536,
+        max_message_bytes=16384,
+        send_timeout=1.0,
+    )
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", server.port))
+    sock.setblocking(False)
+    reader, writer = await asyncio.open_connection(sock=sock)
+    writer.write(
+        b"GET /sse?channel=public:a HTTP/1.1\r\nHost: x\r\n"
+        b"Authorization: Bearer " + issue(server, "slow").encode() + b"\r\n\r\n"
+    )
+    try:
+        async with sse(server, ["public:a"], token=issue(server, "fast")) as stream:
+            await stream.expect("connected")
+            await wait_until(lambda: len(server.hub.registry) == 2)
+            (slow,) = [c for c in server.hub.registry.connections if c.principal.subject == "slow"]
+            pad = "x" * 12_000
+            received = 0
+            for n in range(600):  # 7 MB at most: far more than the socket buffers hold
+                await server.hub.publish("public:a", "big", {"n": n, "pad": pad})
+                event = await stream.expect("big")
+                assert event.data["data"]["n"] == received, "the reader lost or reordered"
+                received += 1
+                if slow.closed is not None:
+                    break
+            assert slow.closed is errors.SLOW_CONSUMER, "the slow stream was never cut"
+            # Released at once on the raw path; the portable path's writer may sit in
+            # a send until send_timeout.
+            await wait_until(lambda: len(server.hub.registry) == 1, timeout=5)
+            assert b"herald_slow_consumer_disconnects_total 1.0" in server.hub.metrics.render()
+            await server.hub.publish("public:a", "after", "ok")
+            assert (await stream.expect("after")).data["data"] == "ok"
+    finally:
+        writer.close()
