@@ -1,6 +1,6 @@
-"""``python -m bench.cycles [N] [WS]``: which objects does a closed WebSocket connection
-leave in reference cycles (what a frozen connection leaks until the next thaw, see
-hub/gc_tuning.py)?
+"""``python -m bench.cycles [N] [ws|sse] [WS-IMPL]``: which objects does a closed
+WebSocket (or SSE) connection leave in reference cycles (what a frozen connection
+leaks until the next thaw, see hub/gc_tuning.py)?
 
 Runs the hub app in this process under uvicorn (memory broker, ``HERALD_GC=default``),
 opens and closes N connections from a bench client process once to warm up, then again
@@ -34,7 +34,8 @@ def main() -> None:
     from hub.app import create_app
 
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 200
-    ws = sys.argv[2] if len(sys.argv) > 2 else "hub.transports.fastws:FastWebSocketProtocol"
+    transport = sys.argv[2] if len(sys.argv) > 2 else "ws"
+    ws = sys.argv[3] if len(sys.argv) > 3 else "hub.transports.fastws:FastWebSocketProtocol"
 
     async def run() -> None:
         config = uvicorn.Config(
@@ -43,6 +44,7 @@ def main() -> None:
             port=0,
             host="127.0.0.1",
             ws=ws,
+            http="hub.transports.fasthttp:FastHttpProtocol",
             loop="none",
             log_level="warning",
             ws_per_message_deflate=False,
@@ -55,7 +57,7 @@ def main() -> None:
         specs = [Spec(t, FANOUT_CHANNEL) for t in tokens([f"c{i}" for i in range(n)])]
 
         def cycle() -> int:
-            pool = ClientPool(port=port, transport="ws", procs=1, cpus=None)
+            pool = ClientPool(port=port, transport=transport, procs=1, cpus=None)
             r = pool.connect(specs, concurrency=50)
             pool.close()
             return int(r["ok"])

@@ -58,6 +58,7 @@ class Connection:
         "closed",
         "heartbeat",
         "id",
+        "leaves_cycles",
         "last_write",
         "max_bytes",
         "max_messages",
@@ -104,6 +105,10 @@ class Connection:
         self._drain: Callable[[], None] | None = None
         self._flusher: Flusher | None = None
         self._flush_pending = False
+        # Whether closing leaves objects in reference cycles (uvicorn's and websockets'
+        # protocol state does, unless herald's raw protocols break them): read by the
+        # GC policy, which must then thaw now and then (hub/gc_tuning.py).
+        self.leaves_cycles = True
         self._recovering: dict[str, list[EncodedMessage]] = {}
         # Per channel, the position queued when its subscription became live: live
         # publications at or below it (still in flight when the subscribe read the top,
@@ -264,7 +269,9 @@ class Connection:
     def attach_drain(self, drain: Callable[[], None], flusher: Flusher) -> None:
         """From now on, ``drain()`` runs in the loop iteration after anything is queued
         (and after :meth:`close`); it takes the outbox with :meth:`take_batch`. What was
-        queued before is flushed in the next iteration."""
+        queued before is flushed in the next iteration. (Only herald's raw protocols
+        offer a drain-able transport, and they leave no reference cycles behind.)"""
+        self.leaves_cycles = False
         self._drain = drain
         self._flusher = flusher
         self._flush_pending = False

@@ -20,15 +20,19 @@ garbage; the collector just keeps proving it. So:
    unfrozen objects: those connections and recent garbage) and freezes again. This
    bounds the unfrozen heap, hence every collection's pause, by about
    ``HERALD_GC_FREEZE_AFTER`` connections' worth of objects.
-3. **Thaw now and then.** A frozen object that later dies in a reference cycle is never
-   collected (reference counting still frees everything else), and a closed connection
-   does leave cycles: ~70 objects, ~17 KB, inside uvicorn, httptools and websockets
-   (protocol <-> parser, the sans-I/O parser generator; none in hub code). So when the
-   frozen connections that have since closed reach ``HERALD_GC_THAW_AFTER`` and half the
-   live count, the worker runs ``gc.unfreeze(); gc.collect(); gc.freeze()``: one full
-   collection of the whole heap (a long pause, ~0.1 ms per live connection), paid once
-   per half-turnover of the connections instead of every few seconds, and the memory
-   held by dead frozen cycles stays below ~half the live connections' own. The churn
+3. **Thaw now and then, if needed.** A frozen object that later dies in a reference
+   cycle is never collected (reference counting still frees everything else). Under
+   ``herald serve`` a closed connection leaves none: herald's protocol subclasses break
+   the cycles uvicorn, httptools and websockets would leave (protocol <-> parser, the
+   sans-I/O parser generator, scope -> raw writer -> protocol; ``python -m bench.cycles``
+   counts them), and such connections say so (``Connection.leaves_cycles``). On the
+   portable ASGI path a closed connection leaves ~70 objects, ~17 KB, in cycles. So when
+   the frozen connections that have since closed *and left cycles* reach
+   ``HERALD_GC_THAW_AFTER`` and half the live count, the worker runs
+   ``gc.unfreeze(); gc.collect(); gc.freeze()``: one full collection of the whole heap
+   (a long pause, ~0.1 ms per live connection), paid once per half-turnover of the
+   connections instead of every few seconds, and the memory held by dead frozen cycles
+   stays below ~half the live connections' own. The churn
    figures in ``docs/performance.md`` show both.
 4. **Thresholds.** ``HERALD_GC_THRESHOLDS`` (generation 0, 1, 2; default
    :data:`TUNED_THRESHOLDS`): a larger generation-0 threshold means fewer young
@@ -68,6 +72,12 @@ class _HasId(Protocol):
     def id(self) -> int: ...
 
 
+def _leaves_cycles(conn: object) -> bool:
+    """Whether ``conn`` leaves reference cycles when it closes (True unless it says
+    otherwise: herald's raw write paths break theirs, the portable path does not)."""
+    return bool(getattr(conn, "leaves_cycles", True))
+
+
 @dataclass
 class GcStats:
     """What the policy did (for logs and tests)."""
@@ -101,6 +111,7 @@ class FreezePolicy:
         # freeze, or had closed before it; _frozen is how many were alive then.
         self._mark = 0
         self._frozen = 0
+        self._frozen_leaky = 0  # of those, how many leave cycles when they close
         self._timer: TimerHandle | None = None
         self._loop: AbstractEventLoop | None = None
 
@@ -120,6 +131,7 @@ class FreezePolicy:
     def _note_frozen(self, conns: Collection[_HasId]) -> None:
         self._mark = max((c.id for c in conns), default=self._mark)
         self._frozen = len(conns)
+        self._frozen_leaky = sum(1 for c in conns if _leaves_cycles(c))
 
     def freeze(self) -> float:
         """Collect what is unfrozen, then freeze everything alive; returns the pause (ms)."""
@@ -150,12 +162,19 @@ class FreezePolicy:
         """One periodic check; returns ``"freeze"``, ``"thaw"`` or ``None``."""
         conns = self._connections()
         mark = self._mark
-        old = sum(1 for c in conns if c.id <= mark)
+        old = old_leaky = 0
+        for c in conns:
+            if c.id <= mark:
+                old += 1
+                if _leaves_cycles(c):
+                    old_leaky += 1
         new = len(conns) - old
         closed_frozen = self._frozen - old
+        # Only closed connections that left cycles behind hold memory a thaw frees.
+        closed_leaky = self._frozen_leaky - old_leaky
         # (No gc.get_freeze_count() here: it walks the whole permanent generation, ~0.1 us
         # per object with the GIL held: 70 ms at 5,000 connections.)
-        if closed_frozen >= self.thaw_after and 2 * closed_frozen >= len(conns):
+        if closed_leaky >= self.thaw_after and 2 * closed_leaky >= len(conns):
             ms = self.thaw()
             logger.info(
                 "gc: thawed after %d frozen connections closed (%d live): %.0f ms",

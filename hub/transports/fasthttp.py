@@ -19,6 +19,8 @@ Selected by ``herald serve``, or ``uvicorn --http hub.transports.fasthttp:FastHt
 
 from __future__ import annotations
 
+import asyncio
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -30,12 +32,17 @@ EXTENSION = "herald.raw_body"
 class RawBodyWriter:
     """Writes response body bytes of one request straight to its connection."""
 
-    __slots__ = ("_cycle", "_on_lost", "_protocol")
+    __slots__ = ("_cycle_ref", "_on_lost")
 
-    def __init__(self, protocol: FastHttpProtocol, cycle: RequestResponseCycle) -> None:
-        self._protocol: FastHttpProtocol | None = protocol
-        self._cycle: RequestResponseCycle | None = cycle
+    def __init__(self, cycle: RequestResponseCycle) -> None:
+        # A weak reference: the cycle's scope holds this writer, and a reference cycle
+        # per GET request would be garbage for the collector to find.
+        self._cycle_ref: Callable[[], RequestResponseCycle | None] = weakref.ref(cycle)
         self._on_lost: Callable[[], None] | None = None
+
+    @property
+    def _cycle(self) -> RequestResponseCycle | None:
+        return self._cycle_ref()
 
     def _open_cycle(self) -> RequestResponseCycle | None:
         cycle = self._cycle
@@ -89,11 +96,10 @@ class RawBodyWriter:
         flushed (no keep-alive: a stream the server ended is not reused), and abort it
         if the client has not read it all after ``abort_after`` seconds."""
         cycle = self._cycle
-        protocol = self._protocol
-        if cycle is None or protocol is None:
+        if cycle is None:
             return
         cycle.keep_alive = False
-        protocol.loop.call_later(abort_after, _abort_if_unflushed, cycle.transport)
+        asyncio.get_running_loop().call_later(abort_after, _abort_if_unflushed, cycle.transport)
 
     def finish(self) -> None:
         """End the response now, as uvicorn's last ``http.response.body`` would (the last
@@ -113,12 +119,15 @@ class RawBodyWriter:
 
     def connection_lost(self) -> None:
         callback = self._on_lost
-        # Break the protocol <-> writer <-> cycle references now: a frozen connection
-        # (hub/gc_tuning.py) that dies in a cycle would stay until the next thaw.
-        self._on_lost = None
-        self._protocol = None
+        # Nothing is written after this; the cycle is released with the request.
+        self._on_lost = None  # (a closure over the app's connection)
+        self._cycle_ref = _no_cycle
         if callback is not None:
             callback()
+
+
+def _no_cycle() -> None:
+    return None
 
 
 def _abort_if_unflushed(transport: Any) -> None:
@@ -136,8 +145,15 @@ class FastHttpProtocol(HttpToolsProtocol):
         cycle = self.cycle
         # The app task was created but has not run: the scope can still be extended.
         if cycle is not None and cycle.scope is self.scope and self.scope["method"] == "GET":
-            writer = self._raw_body = RawBodyWriter(self, cycle)
+            writer = self._raw_body = RawBodyWriter(cycle)
             self.scope.setdefault("extensions", {})[EXTENSION] = writer  # type: ignore[assignment]
+
+    def handle_websocket_upgrade(self) -> None:
+        super().handle_websocket_upgrade()
+        # The connection now belongs to the WebSocket protocol; this one is garbage, but
+        # its parser (whose callbacks are this protocol's methods) would keep it in a
+        # reference cycle, see FastWebSocketProtocol.connection_lost.
+        self.parser = None  # type: ignore[assignment]
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)

@@ -31,12 +31,14 @@ class RawFrameWriter:
     __slots__ = ("_protocol",)
 
     def __init__(self, protocol: FastWebSocketProtocol) -> None:
-        self._protocol = protocol
+        self._protocol: FastWebSocketProtocol | None = protocol
 
     def write(self, frame: bytes) -> bool:
         """Queue ``frame`` on the transport without waiting (asyncio buffers it).
         False if the connection is closing and nothing was written."""
         protocol = self._protocol
+        if protocol is None:
+            return False
         transport = protocol.transport
         if protocol.close_sent or protocol.disconnected or transport.is_closing():
             return False
@@ -45,17 +47,26 @@ class RawFrameWriter:
 
     def buffered(self) -> int:
         """Bytes written but not yet accepted by the kernel: how far the client lags."""
-        transport = self._protocol.transport
-        return 0 if transport.is_closing() else transport.get_write_buffer_size()
+        protocol = self._protocol
+        if protocol is None or protocol.transport.is_closing():
+            return 0
+        return protocol.transport.get_write_buffer_size()
 
     def abort(self) -> None:
         """Drop the connection now, discarding what is buffered (a dead slow client)."""
-        self._protocol.transport.abort()
+        if self._protocol is not None:
+            self._protocol.transport.abort()
+
+    def detach(self) -> None:
+        """The connection is gone: forget the protocol (later calls do nothing)."""
+        self._protocol = None
 
     def close(self, code: int, reason: str, *, abort_after: float) -> None:
         """Send a close frame after what is buffered, then close the transport once it
         is flushed; a client that never reads it is aborted after ``abort_after`` s."""
         protocol = self._protocol
+        if protocol is None:
+            return
         transport = protocol.transport
         if protocol.close_sent or transport.is_closing():
             return
@@ -87,6 +98,21 @@ class FastWebSocketProtocol(WebSocketsSansIOProtocol):
         if scope is not None and self.response.status_code == 101:
             extensions = scope.setdefault("extensions", {})
             extensions[EXTENSION] = RawFrameWriter(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        # Break the reference cycles a closed connection would otherwise leave for the
+        # collector: scope -> extensions -> writer -> protocol -> scope, and websockets'
+        # parser generator, whose frame holds its ServerProtocol. Connections are
+        # frozen out of the collector's reach (hub/gc_tuning.py); what dies in a cycle
+        # after that stays until the next thaw, a full collection that pauses the
+        # worker. Nothing reads either after the connection is lost.
+        scope = getattr(self, "scope", None)
+        if scope is not None:
+            writer = scope.get("extensions", {}).get(EXTENSION)
+            if writer is not None:
+                writer.detach()
+        self.conn.parser = None  # type: ignore[assignment]
 
     def start_keepalive(self) -> None:
         # Called once the app accepted and the 101 response went out: the handshake's

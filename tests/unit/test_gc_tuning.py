@@ -16,6 +16,7 @@ from hub.settings import load_settings
 @dataclass(frozen=True)
 class FakeConn:
     id: int
+    leaves_cycles: bool = True
 
 
 @pytest.fixture
@@ -58,6 +59,19 @@ def test_policy_thaws_after_enough_frozen_connections_closed(restore_gc: None) -
     assert policy.check() == "thaw"
     assert policy.stats.thaws == 1
     assert policy.check() is None  # the survivors count as frozen again
+
+
+def test_closed_connections_that_left_no_cycles_never_cause_a_thaw(restore_gc: None) -> None:
+    # herald's raw write paths break their cycles: a full turnover needs no thaw
+    conns = [FakeConn(i, leaves_cycles=i > 16) for i in range(1, 21)]
+    policy = gc_tuning.FreezePolicy(lambda: conns, freeze_after=50, thaw_after=3, check_interval=0)
+    policy.freeze()
+    del conns[:16]  # 16 clean ones closed, 4 leaky ones alive
+    assert policy.check() is None
+    del conns[:2]  # 2 leaky ones closed: fewer than thaw_after
+    assert policy.check() is None
+    del conns[:1]  # the third leaky one closed
+    assert policy.check() == "thaw"
 
 
 def test_policy_thaws_only_after_half_the_live_count_closed(restore_gc: None) -> None:
