@@ -149,11 +149,11 @@ def _ab(args: argparse.Namespace) -> dict[str, Any]:
     return scenario_ab(args)
 
 
-def _users(args: argparse.Namespace) -> dict:
+def _users(args: argparse.Namespace) -> dict[str, Any]:
     return scenario_fanout(args, users=True)
 
 
-def _compare_ws(args: argparse.Namespace) -> dict:
+def _compare_ws(args: argparse.Namespace) -> dict[str, Any]:
     from .scenarios import scenario_compare_ws
 
     return scenario_compare_ws(args)

@@ -179,7 +179,9 @@ class Bench:
         return sum_cpu(pids) + cpu_seconds()
 
 
-def connect_all(bench: Bench, transport: str, specs: list[Spec], concurrency: int) -> dict:
+def connect_all(
+    bench: Bench, transport: str, specs: list[Spec], concurrency: int
+) -> dict[str, Any]:
     pool = bench.pool or bench.open_pool(transport)
     cpu0 = bench.server.cpu()
     result = pool.connect(specs, concurrency=concurrency)

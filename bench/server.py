@@ -14,7 +14,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import httpx
 
@@ -69,7 +69,7 @@ class Server:
         # The checkout whose ``hub`` package runs (another worktree for before/after runs).
         self.repo = Path(repo).resolve() if repo else REPO
         self.process: subprocess.Popen[bytes] | None = None
-        self._log = None
+        self._log: BinaryIO | None = None
 
     @property
     def url(self) -> str:

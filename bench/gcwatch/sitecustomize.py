@@ -18,6 +18,7 @@ every snapshot (diagnostics only: it walks the heap once a second, holding the G
 """
 
 import os
+from typing import Any
 
 _DIR = os.environ.get("HERALD_BENCH_GC_DIR")
 
@@ -41,9 +42,9 @@ if _DIR:
     _total_ns = [0, 0, 0]
     _max_ns = [0, 0, 0]
     _collected = [0, 0, 0]
-    _pauses: list = []  # (wall time s, generation, ms, collected)
+    _pauses: list[tuple[float, int, float, int]] = []  # (wall time s, generation, ms, collected)
 
-    def _on_gc(phase, info, _perf=_perf, _cpu=_cpu):
+    def _on_gc(phase: str, info: dict[str, int], _perf: Any = _perf, _cpu: Any = _cpu) -> None:
         if phase == "start":
             _start[0] = _perf()
             _start[1] = _cpu()
@@ -67,10 +68,10 @@ if _DIR:
     elif _MODE.count(",") == 2:
         gc.set_threshold(*(int(x) for x in _MODE.split(",")))
     _trigger = os.path.join(_DIR, "freeze-now")
-    _frozen: list = []
+    _frozen: list[bool] = []
     _path = os.path.join(_DIR, f"gc-{os.getpid()}.json")
 
-    def _dump():
+    def _dump() -> None:
         snapshot = {
             "pid": os.getpid(),
             "time": time.time(),
@@ -94,7 +95,7 @@ if _DIR:
             json.dump(snapshot, handle)
         os.replace(tmp, _path)
 
-    def _loop():
+    def _loop() -> None:
         while True:
             time.sleep(1.0)
             try:
