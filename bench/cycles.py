@@ -12,48 +12,23 @@ from __future__ import annotations
 import asyncio
 import collections
 import gc
-import os
 import sys
-import tempfile
 
 
 def main() -> None:
-    import uvicorn
-
     from .client import ClientPool, Spec
-    from .common import SECRET
+    from .inprocess import FAST_WS, serving
     from .scenarios import FANOUT_CHANNEL, tokens
-
-    os.environ.update(
-        HERALD_SECRET_KEY=SECRET,
-        HERALD_DATA_DIR=tempfile.mkdtemp(prefix="herald-cycles-"),
-        HERALD_GC="default",
-        HERALD_LOG_LEVEL="warning",
-    )
-    os.environ.pop("HERALD_REDIS_URL", None)
-    from hub.app import create_app
 
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 200
     transport = sys.argv[2] if len(sys.argv) > 2 else "ws"
-    ws = sys.argv[3] if len(sys.argv) > 3 else "hub.transports.fastws:FastWebSocketProtocol"
+    ws = sys.argv[3] if len(sys.argv) > 3 else FAST_WS
 
     async def run() -> None:
-        config = uvicorn.Config(
-            create_app,
-            factory=True,
-            port=0,
-            host="127.0.0.1",
-            ws=ws,
-            http="hub.transports.fasthttp:FastHttpProtocol",
-            loop="none",
-            log_level="warning",
-            ws_per_message_deflate=False,
-        )
-        server = uvicorn.Server(config)
-        task = asyncio.create_task(server.serve())
-        while not server.started:  # noqa: ASYNC110 - uvicorn offers no started event
-            await asyncio.sleep(0.05)
-        port = server.servers[0].sockets[0].getsockname()[1]
+        async with serving(ws=ws) as port:
+            await census(port)
+
+    async def census(port: int) -> None:
         specs = [Spec(t, FANOUT_CHANNEL) for t in tokens([f"c{i}" for i in range(n)])]
 
         def cycle() -> int:
@@ -90,8 +65,6 @@ def main() -> None:
         for k, c in names.most_common(20):
             print(f"{c / ok:8.2f}  {k}")
         gc.garbage.clear()
-        server.should_exit = True
-        await task
 
     import uvloop
 

@@ -16,50 +16,26 @@ import collections
 import gc
 import os
 import sys
-import tempfile
 import tracemalloc
 
 from .common import rss_bytes
 
 
 def main() -> None:
-    import uvicorn
-
     from .client import ClientPool, Spec
-    from .common import SECRET
+    from .inprocess import FAST_HTTP, FAST_WS, serving
     from .scenarios import FANOUT_CHANNEL, tokens
-
-    os.environ.update(
-        HERALD_SECRET_KEY=SECRET,
-        HERALD_DATA_DIR=tempfile.mkdtemp(prefix="herald-memory-"),
-        HERALD_GC="default",
-        HERALD_LOG_LEVEL="warning",
-    )
-    os.environ.pop("HERALD_REDIS_URL", None)
-    from hub.app import create_app
 
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 1000
     transport = sys.argv[2] if len(sys.argv) > 2 else "ws"
-    http = sys.argv[3] if len(sys.argv) > 3 else "hub.transports.fasthttp:FastHttpProtocol"
-    ws = sys.argv[4] if len(sys.argv) > 4 else "hub.transports.fastws:FastWebSocketProtocol"
+    http = sys.argv[3] if len(sys.argv) > 3 else FAST_HTTP
+    ws = sys.argv[4] if len(sys.argv) > 4 else FAST_WS
 
     async def run() -> None:
-        config = uvicorn.Config(
-            create_app,
-            factory=True,
-            port=0,
-            host="127.0.0.1",
-            http=http,
-            ws=ws,
-            loop="none",
-            log_level="warning",
-            ws_per_message_deflate=False,
-        )
-        server = uvicorn.Server(config)
-        task = asyncio.create_task(server.serve())
-        while not server.started:  # noqa: ASYNC110 - uvicorn offers no started event
-            await asyncio.sleep(0.05)
-        port = server.servers[0].sockets[0].getsockname()[1]
+        async with serving(http=http, ws=ws) as port:
+            await census(port)
+
+    async def census(port: int) -> None:
         specs = [Spec(t, FANOUT_CHANNEL) for t in tokens([f"m{i}" for i in range(n)])]
         pool = ClientPool(port=port, transport=transport, procs=1, cpus=None)
 
@@ -108,8 +84,6 @@ def main() -> None:
                 print(f"{count / ok:8.2f}  {name}")
         tracemalloc.stop()
         await asyncio.to_thread(pool.close)
-        server.should_exit = True
-        await task
 
     import uvloop
 

@@ -61,6 +61,11 @@ class Disconnect:
     def with_message(self, message: str) -> Disconnect:
         return Disconnect(self.code, self.reason, message)
 
+    @property
+    def by_client(self) -> bool:
+        """The client ended the connection: nobody is left to say goodbye to."""
+        return self.reason in ("client_closed", "client_gone")
+
 
 class Refused(Exception):
     """A connection is refused (or ended) with ``disconnect``."""
@@ -71,6 +76,9 @@ class Refused(Exception):
 
 
 # Reconnect with backoff (1001, 4000-4499).
+# The client went first: closed normally, or the connection was lost.
+CLIENT_CLOSED = Disconnect(1000, "client_closed", "client closed")
+CLIENT_GONE = Disconnect(1006, "client_gone", "connection lost")
 SHUTDOWN = Disconnect(1001, "shutdown", "server is shutting down, reconnect")
 SLOW_CONSUMER = Disconnect(4001, "slow_consumer", "client did not read fast enough")
 HEARTBEAT_TIMEOUT = Disconnect(4002, "heartbeat_timeout", "no frame from client in time")

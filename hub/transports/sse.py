@@ -30,6 +30,7 @@ from ..auth import Principal, bearer_credential
 from ..connection import Connection, Outbound
 from ..errors import Disconnect, HubError
 from ..http_errors import error_response, request_id_of
+from .direct import DirectWriter
 from .fasthttp import EXTENSION, RawBodyWriter
 from .origin import origin_allowed
 
@@ -133,59 +134,35 @@ class SSEStream:
             yield body
             delivered.inc(count)
         disconnect = conn.closed
-        if disconnect is not None and disconnect.reason != "client_closed":
+        if disconnect is not None and not disconnect.by_client:
             yield protocol.sse_event("disconnect", protocol.encode_bye(disconnect))
 
 
-class RawSSEWriter:
-    """The fast path: the connection's drain, run by the worker's flusher. Writes each
-    batch as one chunk straight to the transport, never awaiting the client; a client
-    whose unread bytes pass the outbox byte limit is a slow consumer."""
+class RawSSEWriter(DirectWriter):
+    """The fast path: each batch as one HTTP chunk straight to the transport."""
 
-    __slots__ = ("_conn", "_delivered", "_done", "_formatter", "_hub", "_raw")
+    __slots__ = ("_formatter", "_raw")
 
     def __init__(
         self, hub: Hub, conn: Connection, formatter: SSEFormatter, raw: RawBodyWriter
     ) -> None:
-        self._hub = hub
-        self._conn = conn
+        super().__init__(hub, conn, "sse")
         self._formatter = formatter
         self._raw = raw
-        self._delivered = hub.metrics.delivered.labels("sse")
-        self._done = False
 
-    def drain(self) -> None:
-        if self._done:
-            return
-        conn = self._conn
-        batch = conn.take_batch()
-        if batch is None:
-            self._goodbye()
-            return
-        if not batch:
-            return
-        raw = self._raw
-        data, count = self._formatter.format(batch, chunked=raw.chunked)
-        if not raw.write_framed(data):
-            conn.close(errors.Disconnect(1006, "client_gone", "connection lost"))
-            self._goodbye()
-            return
-        conn.last_write = time.monotonic()
-        if count:
-            self._delivered.inc(count)
-        if raw.buffered() > conn.max_bytes:
-            self._hub.close_connection(conn, errors.SLOW_CONSUMER)
-            self._hub.metrics.slow_consumers.inc()
-            self._goodbye()
+    def _encode(self, batch: list[Outbound]) -> tuple[bytes, int]:
+        return self._formatter.format(batch, chunked=self._raw.chunked)
 
-    def _goodbye(self) -> None:
-        """Once: ``event: disconnect`` unless the client went first; the app task then
-        ends the response."""
-        self._done = True
-        disconnect = self._conn.closed
-        if disconnect is not None and disconnect.reason not in ("client_closed", "client_gone"):
-            self._raw.write(protocol.sse_event("disconnect", protocol.encode_bye(disconnect)))
-            self._raw.close_after_response(abort_after=self._hub.settings.send_timeout)
+    def _write(self, data: bytes) -> bool:
+        return self._raw.write_framed(data)
+
+    def _buffered(self) -> int:
+        return self._raw.buffered()
+
+    def _say_goodbye(self, disconnect: Disconnect) -> None:
+        """``event: disconnect``; the stream's task then ends the response."""
+        self._raw.write(protocol.sse_event("disconnect", protocol.encode_bye(disconnect)))
+        self._raw.close_after_response(abort_after=self._hub.settings.send_timeout)
 
 
 def opening_events(hub: Hub, connected: bytes, formatter: SSEFormatter) -> bytes:
@@ -340,7 +317,7 @@ async def _stream(
         else:
             logger.debug("sse stream %s ended: %s", conn.id, name)
     finally:
-        conn.close(Disconnect(1000, "client_closed", "stream ended"))
+        conn.close(errors.CLIENT_CLOSED)
 
 
 # uvicorn manages the connection header (keep-alive is HTTP/1.1's default).
@@ -376,16 +353,13 @@ async def _stream_raw(
     conn.last_write = time.monotonic()
     conn.heartbeat = protocol.SSE_HEARTBEAT
     writer = RawSSEWriter(hub, conn, formatter, raw)
-    raw.on_lost(lambda: conn.close(CLIENT_GONE))
+    raw.on_lost(lambda: conn.close(errors.CLIENT_GONE))
     conn.attach_drain(writer.drain, hub.flusher)
     try:
         await conn.wait_closed()
     finally:
-        conn.close(CLIENT_GONE)  # cancelled (shutdown): nothing more is written
+        conn.close(errors.CLIENT_GONE)  # cancelled (shutdown): nothing more is written
         writer.drain()  # the goodbye, where due, before the response ends
         conn.detach_drain()
         raw.on_lost(None)
         raw.finish()  # without waiting for a slow client to read what is buffered
-
-
-CLIENT_GONE = Disconnect(1006, "client_gone", "connection lost")

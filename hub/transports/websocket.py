@@ -31,8 +31,9 @@ from starlette.types import Receive, Scope, Send
 
 from .. import errors, protocol
 from ..auth import Principal, bearer_credential
-from ..connection import Connection
+from ..connection import Connection, Outbound
 from ..errors import Disconnect, HubError
+from .direct import DirectWriter
 from .fastws import EXTENSION, RawFrameWriter
 from .origin import origin_allowed
 
@@ -176,7 +177,7 @@ class WebSocketSession:
     ) -> None:
         """The reader ended first (client closed, oversized frame) or was cancelled: say
         goodbye where one is due, then stop the writer."""
-        conn.close(conn.closed or errors.Disconnect(1000, "client_closed", "closed"))
+        conn.close(conn.closed or errors.CLIENT_CLOSED)
         if isinstance(writer, RawWebSocketWriter):
             writer.drain()
             conn.detach_drain()
@@ -196,7 +197,7 @@ class WebSocketSession:
         while conn.closed is None:
             message = await self._receive()
             if message["type"] == "websocket.disconnect":
-                conn.close(errors.Disconnect(1000, "client_closed", "client closed"))
+                conn.close(errors.CLIENT_CLOSED)
                 return
             text = message.get("text")
             if text is None:
@@ -289,7 +290,7 @@ class WebSocketSession:
             try:
                 await send({"type": "websocket.send", "text": text})
             except Exception:  # the client went away mid-write
-                conn.close(errors.Disconnect(1006, "client_gone", "connection lost"))
+                conn.close(errors.CLIENT_GONE)
                 return
             finally:
                 conn.send_started = 0.0
@@ -297,74 +298,47 @@ class WebSocketSession:
             if count:
                 delivered.inc(count)
         disconnect = conn.closed
-        if disconnect is not None and disconnect.reason not in ("client_closed", "client_gone"):
+        if disconnect is not None and not disconnect.by_client:
             await self._goodbye(disconnect)
 
 
-class RawWebSocketWriter:
-    """The fast path: the connection's drain, run by the worker's flusher. Writes
-    already-framed bytes straight to the transport, never awaiting the client; a client
-    whose unread bytes pass the outbox byte limit is a slow consumer."""
+class RawWebSocketWriter(DirectWriter):
+    """The fast path: already-framed bytes straight to the transport (a message's frame
+    is shared by every subscriber; several queued items become one text frame)."""
 
-    __slots__ = ("_conn", "_delivered", "_done", "_hub", "_raw")
+    __slots__ = ("_raw",)
 
     def __init__(self, hub: Hub, conn: Connection, raw: RawFrameWriter) -> None:
-        self._hub = hub
-        self._conn = conn
+        super().__init__(hub, conn, "websocket")
         self._raw = raw
-        self._delivered = hub.metrics.delivered.labels("websocket")
-        self._done = False
 
-    def drain(self) -> None:
-        if self._done:
-            return
-        conn = self._conn
-        batch = conn.take_batch()
-        if batch is None:
-            self._goodbye()
-            return
-        if not batch:
-            return
-        count = 0
+    def _encode(self, batch: list[Outbound]) -> tuple[bytes, int]:
         if len(batch) == 1:
             item = batch[0]
             if isinstance(item, bytes):
-                data = protocol.ws_text_frame(item)
+                return protocol.ws_text_frame(item), 0
+            return item.frame, 1
+        parts = []
+        count = 0
+        for item in batch:
+            if isinstance(item, bytes):
+                parts.append(item)
             else:
-                data = item.frame
-                count = 1
-        else:
-            parts = []
-            for item in batch:
-                if isinstance(item, bytes):
-                    parts.append(item)
-                else:
-                    parts.append(item.envelope)
-                    count += 1
-            data = protocol.ws_text_frame(b"\n".join(parts))
-        raw = self._raw
-        if not raw.write(data):
-            conn.close(errors.Disconnect(1006, "client_gone", "connection lost"))
-            self._goodbye()
-            return
-        conn.last_write = time.monotonic()
-        if count:
-            self._delivered.inc(count)
-        if raw.buffered() > conn.max_bytes:
-            self._hub.close_connection(conn, errors.SLOW_CONSUMER)
-            self._hub.metrics.slow_consumers.inc()
-            self._goodbye()
+                parts.append(item.envelope)
+                count += 1
+        return protocol.ws_text_frame(b"\n".join(parts)), count
 
-    def _goodbye(self) -> None:
-        """Once: the ``bye`` frame and the close code, unless the client went first."""
-        self._done = True
-        disconnect = self._conn.closed
-        if disconnect is not None and disconnect.reason not in ("client_closed", "client_gone"):
-            raw = self._raw
-            raw.write(protocol.ws_text_frame(protocol.encode_bye(disconnect)))
-            raw.close(
-                disconnect.code, disconnect.reason, abort_after=self._hub.settings.send_timeout
-            )
+    def _write(self, data: bytes) -> bool:
+        return self._raw.write(data)
+
+    def _buffered(self) -> int:
+        return self._raw.buffered()
+
+    def _say_goodbye(self, disconnect: Disconnect) -> None:
+        """The ``bye`` frame, then the close code; the transport closes once flushed."""
+        raw = self._raw
+        raw.write(protocol.ws_text_frame(protocol.encode_bye(disconnect)))
+        raw.close(disconnect.code, disconnect.reason, abort_after=self._hub.settings.send_timeout)
 
 
 def _auth_disconnect(error: HubError) -> Disconnect:
