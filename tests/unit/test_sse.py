@@ -278,6 +278,19 @@ async def test_missing_credentials_is_401(server: LiveServer) -> None:
         assert stream.response.headers["www-authenticate"] == "Bearer"
 
 
+async def test_errors_and_streams_carry_the_request_id(server: LiveServer) -> None:
+    # /sse is dispatched past the middleware stack; it must keep the request id.
+    incoming = "trace-0123456789"
+    async with sse(server, ["public:a"], headers={"X-Request-ID": incoming}) as stream:
+        assert stream.response.status_code == 401
+        assert stream.response.headers["x-request-id"] == incoming
+        await stream.response.aread()
+        assert stream.response.json()["error"]["request_id"] == incoming
+    async with sse(server, ["public:a"], token=issue(server)) as stream:
+        await stream.expect("connected")
+        assert len(stream.response.headers["x-request-id"]) >= 8
+
+
 async def test_service_key_can_stream_public_channels(server: LiveServer) -> None:
     async with sse(server, ["public:a"], token=SERVICE_KEY) as stream:
         assert (await stream.expect("connected")).data["subject"] == "service-key-0"
