@@ -434,3 +434,12 @@ async def test_a_slow_stream_is_cut_and_the_reader_keeps_receiving(
             assert (await stream.expect("after")).data["data"] == "ok"
     finally:
         writer.close()
+
+
+async def test_other_methods_on_sse_take_the_ordinary_stack(server: LiveServer) -> None:
+    async with httpx.AsyncClient(base_url=server.http_url, timeout=TIMEOUT) as client:
+        response = await client.post("/sse?channel=public:a")
+    assert response.status_code == 405
+    assert "GET" in response.headers["allow"].split(", ")
+    assert response.json()["error"]["code"] == "method_not_allowed"
+    assert response.headers["x-request-id"]
