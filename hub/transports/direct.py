@@ -3,8 +3,9 @@
 Run by the worker's :class:`~hub.flusher.Flusher` after anything was queued on the
 connection: it takes the whole outbox, encodes it as one write (the subclass decides
 how) and hands it to the transport without waiting for the client. A client whose
-unread bytes pass the outbox byte limit is a slow consumer; once the connection is
-closed, the drain says goodbye (unless the client went first) and does nothing more.
+unread bytes would pass the outbox byte limit is a slow consumer: it is cut before the
+batch is written. Once the connection is closed, the drain says goodbye (unless the
+client went first) and does nothing more.
 """
 
 from __future__ import annotations
@@ -60,6 +61,16 @@ class DirectWriter:
         if not batch:
             return
         data, count = self._encode(batch)
+        buffered = self._buffered()
+        if buffered and buffered + len(data) > conn.max_bytes:
+            # The client has not taken what it was given and this batch would push its
+            # unread bytes past the limit: cut it without writing the batch, so a slow
+            # client never holds more than about ``max_bytes`` of this worker's memory
+            # (it recovers the rest from history when it reconnects).
+            self._hub.close_connection(conn, errors.SLOW_CONSUMER)
+            self._hub.metrics.slow_consumers.inc()
+            self._goodbye()
+            return
         if not self._write(data):
             conn.close(errors.CLIENT_GONE)
             self._goodbye()
@@ -67,10 +78,6 @@ class DirectWriter:
         conn.last_write = time.monotonic()
         if count:
             self._delivered.inc(count)
-        if self._buffered() > conn.max_bytes:
-            self._hub.close_connection(conn, errors.SLOW_CONSUMER)
-            self._hub.metrics.slow_consumers.inc()
-            self._goodbye()
 
     def _goodbye(self) -> None:
         """Once, after the close: the goodbye, unless the client went first."""

@@ -136,6 +136,7 @@ async def test_slow_consumer_is_disconnected_and_reader_keeps_receiving(
             for _ in range(published + 10):
                 obj = await slow.recv(timeout=10)
                 if obj.get("op") == "message":
+                    assert obj["event"] == "big", "a message published after the cut came"
                     numbers.append(obj["data"]["n"])
                 elif obj.get("op") == "bye":
                     byes.append(obj)
