@@ -2,12 +2,14 @@
 
 :class:`UsersApi` is a hub extension. Its lifespan, entered after the hub started,
 opens the database, prepares the schema (migrates in development, refuses an outdated
-schema in production), plugs stored API keys into the hub's authenticator and adds a
-database readiness check; it closes the database before the hub drains.
+schema in production), plugs stored API keys into the hub's authenticator, adds a
+database readiness check and starts this worker's event-outbox relay; it stops the
+relay and closes the database before the hub drains.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -26,8 +28,8 @@ from hub.settings import Settings
 from .context import ApiContext
 from .db import Database
 from .errors import install_error_handlers
-from .events import HubPublisher, Publisher
 from .migrate import SchemaOutdated, prepare_schema
+from .outbox import EventSink, HubSink, Outbox, OutboxRelay
 from .routers import api_keys, auth, users
 from .security import Passwords
 from .services import api_keys as api_key_service
@@ -36,7 +38,7 @@ from .storage import AvatarStorage
 
 logger = logging.getLogger("herald.api")
 
-PublisherFactory = Callable[[Hub], Publisher]
+SinkFactory = Callable[[Hub], EventSink]
 
 
 class UsersApi:
@@ -46,10 +48,10 @@ class UsersApi:
         self,
         api_settings: ApiSettings | None = None,
         *,
-        publisher_factory: PublisherFactory = HubPublisher,
+        sink_factory: SinkFactory = HubSink,
     ) -> None:
         self._api_settings = api_settings
-        self._publisher_factory = publisher_factory
+        self._sink_factory = sink_factory
 
     def install(self, app: FastAPI) -> None:
         app.include_router(auth.router)
@@ -73,6 +75,14 @@ class UsersApi:
             except SchemaOutdated as exc:
                 logger.error("herald: %s", exc)
                 raise
+            relay = OutboxRelay(
+                db,
+                self._sink_factory(hub),
+                owner=hub.node_id,
+                poll_interval=api_settings.event_outbox_poll_interval,
+                takeover_after=api_settings.event_outbox_takeover_after,
+                flush_timeout=api_settings.event_outbox_flush_timeout,
+            )
             app.state.api = ApiContext(
                 settings=settings,
                 api_settings=api_settings,
@@ -86,13 +96,24 @@ class UsersApi:
                 avatars=AvatarStorage(
                     settings.data_dir / "avatars", max_bytes=api_settings.avatar_max_bytes
                 ),
-                publisher=self._publisher_factory(hub),
+                publisher=Outbox(relay),
             )
             hub.authenticator.add_service_key_verifier(_key_verifier(db))
             checks = getattr(app.state, "readiness_checks", None)
             if isinstance(checks, dict):
                 checks["database"] = _database_check(db)
-            yield
+            relay_task = asyncio.create_task(relay.run(), name="herald-outbox-relay")
+            try:
+                yield
+            finally:
+                relay_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await relay_task
+                # One last, bounded pass: what this worker staged goes out now if it
+                # can (otherwise another worker or the next start takes it over).
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(api_settings.event_outbox_flush_timeout):
+                        await relay.relay_once()
         finally:
             await db.aclose()
 

@@ -14,7 +14,6 @@ import getpass
 import os
 import re
 import sys
-from collections.abc import Sequence
 
 from pydantic import ValidationError
 
@@ -25,7 +24,7 @@ from hub.settings import Settings, SettingsError, load_settings
 from . import migrate
 from .db import Database
 from .errors import ApiError
-from .events import Event
+from .outbox import Outbox
 from .schemas import UserCreate
 from .security import Passwords
 from .services import users
@@ -48,16 +47,6 @@ def _settings() -> Settings:
     except SettingsError as exc:
         _err(str(exc))
         raise SystemExit(2) from None
-
-
-class _NoPublisher:
-    """The CLI runs without a hub: there is nobody to tell, so events are dropped."""
-
-    async def publish(self, events: Sequence[Event]) -> None:
-        return None
-
-    async def revoke_user(self, user_id: str) -> None:
-        return None
 
 
 # -- db ----------------------------------------------------------------------------------
@@ -128,7 +117,7 @@ async def _create_admin(settings: Settings, user_create: UserCreate) -> int:
         async with db.session() as session:
             user = await users.create_admin(
                 session=session,
-                publisher=_NoPublisher(),
+                publisher=Outbox(),  # no hub here: a running server delivers the event
                 passwords=Passwords(
                     time_cost=api_settings.argon2_time_cost,
                     memory_kib=api_settings.argon2_memory_kib,

@@ -1,26 +1,21 @@
-"""User events and the :class:`Publisher` that carries them into the hub.
+"""User events, and the :class:`Publisher` interface through which services emit them.
 
-Services call a publisher only *after* their transaction committed, so a rolled-back
-change never produces an event. Delivery is at most once: if the broker is down at
-that moment the change stays committed, the event is logged as lost, and clients
-recover by refetching (documented in docs/api.md).
+Services *stage* their events in the session of the change, before committing, and
+*flush* after the commit. The implementation (:class:`api.outbox.Outbox`) writes them to
+the event outbox in that transaction, so a rolled-back change never produces an event
+and a committed one always does, even if the broker is down at that moment.
 """
 
 from __future__ import annotations
 
-import asyncio
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from hub.errors import HubError
-from hub.hub import Hub
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from .models import User
 from .schemas import UserRead
-
-logger = logging.getLogger("herald.api.events")
 
 USER_CREATED = "user.created"
 USER_UPDATED = "user.updated"
@@ -45,13 +40,17 @@ class Event:
 class Publisher(Protocol):
     """Where the API's side effects on the real-time hub go."""
 
-    async def publish(self, events: Sequence[Event]) -> None:
-        """Publish ``events`` in order, in one round trip. Never raises: a failure is
-        logged (the database change it describes is already committed)."""
+    def stage(self, session: AsyncSession, events: Sequence[Event]) -> None:
+        """Add ``events`` to ``session``'s transaction: they are published, in order,
+        if and only if it commits."""
 
-    async def revoke_user(self, user_id: str) -> None:
-        """Close every live connection of ``user_id`` on every worker and refuse every
-        token issued to them until now. Retries briefly; logs if the broker is down."""
+    def stage_revocation(self, session: AsyncSession, user_id: str) -> None:
+        """Add to ``session``'s transaction: close every live connection of ``user_id``
+        on every worker and refuse every token issued to them until now."""
+
+    async def flush(self) -> None:
+        """After a commit: deliver what was staged now (briefly awaited). Never raises;
+        what cannot be delivered yet is retried in the background."""
 
 
 def user_payload(user: User) -> dict[str, Any]:
@@ -80,41 +79,3 @@ def status_changed(user: User, old: str, new: str) -> list[Event]:
 
 def deleted(user_id: object) -> list[Event]:
     return for_user(user_id, USER_DELETED, {"id": str(user_id)})
-
-
-class HubPublisher:
-    """:class:`Publisher` over this worker's :class:`hub.hub.Hub` (and so its broker)."""
-
-    def __init__(self, hub: Hub, *, attempts: int = 3, backoff: float = 0.1) -> None:
-        self._hub = hub
-        self._attempts = attempts
-        self._backoff = backoff
-
-    async def publish(self, events: Sequence[Event]) -> None:
-        if not events:
-            return
-        items = [(e.channel, e.event, e.data) for e in events]
-        try:
-            await self._hub.publish_many(items)
-        except HubError as exc:
-            logger.error(
-                "lost %d event(s) %s: %s",
-                len(events),
-                sorted({e.event for e in events}),
-                exc.message,
-            )
-
-    async def revoke_user(self, user_id: str) -> None:
-        for attempt in range(1, self._attempts + 1):
-            try:
-                await self._hub.disconnect_user(user_id, revoke=True)
-                return
-            except HubError as exc:
-                if attempt == self._attempts:
-                    logger.error(
-                        "could not disconnect user %s or revoke their tokens: %s",
-                        user_id,
-                        exc.message,
-                    )
-                    return
-                await asyncio.sleep(self._backoff * attempt)

@@ -1,4 +1,4 @@
-"""ORM models: users, API keys and refresh tokens.
+"""ORM models: users, API keys, refresh tokens and the event outbox.
 
 E-mail addresses are stored normalised (lowercase) under a unique constraint, and
 usernames are unique regardless of case (a unique index on ``lower(username)``):
@@ -10,8 +10,20 @@ from __future__ import annotations
 import uuid
 from datetime import datetime
 from enum import StrEnum
+from typing import Any
 
-from sqlalchemy import JSON, Boolean, Enum, ForeignKey, Index, String, Uuid, func
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Enum,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Uuid,
+    func,
+)
 from sqlalchemy.orm import Mapped, mapped_column
 
 from .db import Base, UTCDateTime, utcnow
@@ -131,3 +143,25 @@ class RefreshToken(Base):
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
     used_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
+
+
+class OutboxEntry(Base):
+    """A hub side effect of a committed change, waiting to be carried into the hub.
+
+    Written in the same transaction as the change (so it exists exactly when the change
+    does) and deleted once delivered; see :mod:`api.outbox`. ``kind`` is ``publish``
+    (``payload``: channel, event, data) or ``revoke`` (``payload``: user id, not-before
+    time). ``owner`` is the worker that relays it (``None``: any worker may).
+    """
+
+    __tablename__ = "event_outbox"
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    kind: Mapped[str] = mapped_column(String(16))
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON)
+    owner: Mapped[str | None] = mapped_column(String(64), default=None)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    attempted_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)

@@ -49,6 +49,13 @@ class ApiSettings(BaseSettings):
     register_rate_per_minute: float = Field(default=5.0, gt=0)
     register_burst: int = Field(default=5, ge=1)
 
+    # The event outbox (api/outbox.py): how often each worker looks for entries to retry
+    # or to take over, after how long without an attempt an entry is taken over from its
+    # (presumably dead) worker, and how long a request waits for its events to go out.
+    event_outbox_poll_interval: float = Field(default=1.0, gt=0, le=60)
+    event_outbox_takeover_after: float = Field(default=30.0, gt=0)
+    event_outbox_flush_timeout: float = Field(default=5.0, ge=0, le=60)
+
     # Extra disposable e-mail domains refused at registration (the built-in list stays).
     disposable_email_domains: Annotated[list[str], NoDecode] = Field(default_factory=list)
 

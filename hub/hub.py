@@ -435,13 +435,18 @@ class Hub:
         *,
         revoke: bool = True,
         disconnect: Disconnect = errors.USER_DISABLED,
+        not_before: float | None = None,
     ) -> None:
         """Close every connection of ``user_id`` on every worker; with ``revoke``, refuse
-        every token issued to them until now (for ``max_token_ttl`` seconds)."""
+        every token issued to them before ``not_before`` (default: now) for
+        ``max_token_ttl`` seconds. A revocation carried late (the API's outbox, after a
+        broker outage) passes the time of the change, so tokens issued since stay valid."""
         try:
             if revoke:
                 await self.broker.set_user_not_before(
-                    user_id, time.time(), self.settings.max_token_ttl
+                    user_id,
+                    time.time() if not_before is None else not_before,
+                    self.settings.max_token_ttl,
                 )
             await self.broker.send_control(
                 {"type": CONTROL_DISCONNECT_USER, "user": user_id, "reason": disconnect.reason}

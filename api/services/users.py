@@ -2,14 +2,17 @@
 
 Uniqueness (e-mail, username) is decided by the database's unique constraints, so two
 concurrent registrations with one address give one account and one 409. Every change
-commits, then publishes its events; suspending, deleting or re-roling a user also
-closes their live connections and revokes their tokens, after the commit.
+stages its events (and, when suspending, deleting or re-roling a user, the revocation
+of their connections and tokens) in its own transaction, then commits and flushes:
+see :mod:`api.outbox`. Changes are flushed before their events are built, so the events
+carry what the database holds (generated defaults, ``updated_at``).
 """
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import ColumnElement, Select, func, or_, select, update
@@ -60,12 +63,13 @@ def _refuse_disposable(email: str, extra: frozenset[str], loc: list[str]) -> Non
         raise InvalidInput(loc, "disposable e-mail addresses are not accepted")
 
 
-async def _commit_unique(
+async def _flush_unique(
     session: AsyncSession, *, email: str, exclude: uuid.UUID | None = None
 ) -> None:
-    """Commit; turn a unique-constraint violation into the matching 409."""
+    """Write the pending change (not yet committed); turn a unique-constraint violation
+    into the matching 409."""
     try:
-        await session.commit()
+        await session.flush()
     except IntegrityError:
         await session.rollback()
         query = select(User.id).where(User.email == email)
@@ -102,8 +106,10 @@ async def register(
         updated_at=now,
     )
     session.add(user)
-    await _commit_unique(session, email=user.email)
-    await publisher.publish(events.created(user))
+    await _flush_unique(session, email=user.email)
+    publisher.stage(session, events.created(user))
+    await session.commit()
+    await publisher.flush()
     return user
 
 
@@ -185,8 +191,10 @@ async def update_profile(
         changes.update(_apply(user, {"is_verified": False}))
     if not changes:
         return user
-    await _commit_unique(session, email=user.email, exclude=user.id)
-    await publisher.publish(events.updated(user, changes))
+    await _flush_unique(session, email=user.email, exclude=user.id)
+    publisher.stage(session, events.updated(user, changes))
+    await session.commit()
+    await publisher.flush()
     return user
 
 
@@ -220,26 +228,53 @@ async def set_avatar(
     old_file = user.avatar_file
     user.avatar_file = stored.file_name if stored else None
     user.avatar_content_type = stored.content_type if stored else None
+    changed = old_file != user.avatar_file
     try:
+        if changed:
+            await session.flush()
+            new_url = UserRead.model_validate(user).avatar_url
+            publisher.stage(
+                session, events.updated(user, {"avatar_url": {"old": old_url, "new": new_url}})
+            )
         await session.commit()
     except BaseException:
         if stored is not None:
             await avatars.delete(stored.file_name)
         raise
-    if old_file != user.avatar_file:
+    if changed:
         await avatars.delete(old_file)
-        new_url = UserRead.model_validate(user).avatar_url
-        await publisher.publish(
-            events.updated(user, {"avatar_url": {"old": old_url, "new": new_url}})
-        )
+        await publisher.flush()
     return user
 
 
 # -- admin changes -----------------------------------------------------------------------
 
 
-def _admin_change(actor: User, user: User, change: UserAdminUpdate) -> tuple[list[Event], bool]:
-    """Apply ``change`` to ``user``; return the events and whether to revoke sessions."""
+@dataclass(slots=True)
+class _AdminChange:
+    """What an admin change did to one user."""
+
+    user: User
+    changes: Changes
+    old_status: str | None  # set if the status changed
+    revoke: bool
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.changes) or self.old_status is not None
+
+    def events(self) -> list[Event]:
+        """Built after the flush, so the payload holds what the database holds."""
+        found: list[Event] = []
+        if self.changes:
+            found += events.updated(self.user, self.changes)
+        if self.old_status is not None:
+            found += events.status_changed(self.user, self.old_status, self.user.status.value)
+        return found
+
+
+def _admin_change(actor: User, user: User, change: UserAdminUpdate) -> _AdminChange:
+    """Apply ``change`` to ``user``; say what changed and whether to revoke sessions."""
     values = change.model_dump(exclude_unset=True)
     if user.id == actor.id and (
         ("role" in values and values["role"] != user.role)
@@ -250,14 +285,9 @@ def _admin_change(actor: User, user: User, change: UserAdminUpdate) -> tuple[lis
     old_role = user.role
     changes = _apply(user, values)
     status_change = changes.pop("status", None)
-    found: list[Event] = []
-    if changes:
-        found += events.updated(user, changes)
-    if status_change is not None:
-        found += events.status_changed(user, old_status.value, user.status.value)
     # Tokens carry the role, and only active users may hold sessions.
     revoke = (user.role != old_role) or (old_status != user.status and not user.is_active)
-    return found, revoke
+    return _AdminChange(user, changes, old_status.value if status_change else None, revoke)
 
 
 async def admin_update(
@@ -271,15 +301,17 @@ async def admin_update(
     """An admin changes role, status or verified flag. A new role, or leaving ``active``,
     closes the user's connections and revokes their tokens."""
     user = await get_user(session=session, user_id=user_id)
-    found, revoke = _admin_change(actor, user, change)
-    if not found:
+    done = _admin_change(actor, user, change)
+    if not done.changed:
         return user
-    if revoke:
+    if done.revoke:
         await tokens.revoke_all(session, user.id)
+    await session.flush()
+    publisher.stage(session, done.events())
+    if done.revoke:
+        publisher.stage_revocation(session, str(user.id))
     await session.commit()
-    await publisher.publish(found)
-    if revoke:
-        await publisher.revoke_user(str(user.id))
+    await publisher.flush()
     return user
 
 
@@ -294,27 +326,29 @@ async def bulk_update(
     """Apply one admin change to many users in one transaction; report per id."""
     found = {u.id: u for u in (await session.scalars(select(User).where(User.id.in_(ids))))}
     results: list[BulkItemResult] = []
-    published: list[Event] = []
-    to_revoke: list[uuid.UUID] = []
+    applied: list[_AdminChange] = []
     for user_id in ids:
         user = found.get(user_id)
         try:
             if user is None:
                 raise NotFound("user not found")
-            user_events, revoke = _admin_change(actor, user, change)
+            done = _admin_change(actor, user, change)
         except ApiError as exc:
             error = ErrorInfo(code=exc.code, message=exc.message)
             results.append(BulkItemResult(id=user_id, ok=False, error=error))
             continue
-        published += user_events
-        if revoke:
-            to_revoke.append(user_id)
+        applied.append(done)
+        if done.revoke:
             await tokens.revoke_all(session, user_id)
         results.append(BulkItemResult(id=user_id, ok=True))
+    await session.flush()
+    for done in applied:
+        publisher.stage(session, done.events())
+    for done in applied:
+        if done.revoke:
+            publisher.stage_revocation(session, str(done.user.id))
     await session.commit()
-    await publisher.publish(published)
-    for user_id in to_revoke:
-        await publisher.revoke_user(str(user_id))
+    await publisher.flush()
     succeeded = sum(1 for r in results if r.ok)
     return BulkUpdateResult(
         results=results,
@@ -337,10 +371,11 @@ async def delete_user(
         raise AdminProtected("admins cannot be deleted; change their role first")
     avatar = user.avatar_file
     await session.delete(user)
+    publisher.stage(session, events.deleted(user_id))
+    publisher.stage_revocation(session, str(user_id))
     await session.commit()
     await avatars.delete(avatar)
-    await publisher.publish(events.deleted(user_id))
-    await publisher.revoke_user(str(user_id))
+    await publisher.flush()
 
 
 # -- listing and export ------------------------------------------------------------------

@@ -130,7 +130,10 @@ class Broker(Protocol):
         back through this process's own subscription within ``timeout`` seconds."""
 
     async def set_user_not_before(self, user_id: str, timestamp: float, ttl: int) -> None:
-        """Tokens of ``user_id`` issued before ``timestamp`` are revoked (for ``ttl`` s)."""
+        """Tokens of ``user_id`` issued before ``timestamp`` are revoked (for ``ttl`` s).
+
+        The time only moves forward: an earlier ``timestamp`` than the one set keeps the
+        later one (a late revocation never shortens a newer one); the TTL only grows."""
 
     async def get_user_not_before(self, user_id: str) -> float | None:
         """The revocation timestamp set for ``user_id``, if any."""

@@ -127,7 +127,15 @@ class MemoryBroker:
         return self.connected
 
     async def set_user_not_before(self, user_id: str, timestamp: float, ttl: int) -> None:
-        self._not_before[user_id] = (timestamp, time.monotonic() + ttl)
+        if ttl <= 0:
+            self._not_before.pop(user_id, None)
+            return
+        expires = time.monotonic() + ttl
+        current = self._not_before.get(user_id)
+        if current is not None and current[1] >= time.monotonic():
+            timestamp = max(timestamp, current[0])
+            expires = max(expires, current[1])
+        self._not_before[user_id] = (timestamp, expires)
 
     async def get_user_not_before(self, user_id: str) -> float | None:
         entry = self._not_before.get(user_id)

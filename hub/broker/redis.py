@@ -220,6 +220,21 @@ if remaining < 0 then remaining = 0 end
 return {1, remaining, 0, math.ceil(new_tat - now_us)}
 """
 
+# A user's token not-before time only moves forward: a revocation delivered late (the
+# API's outbox after an outage) must not undo a later one. KEYS[1]; ARGV[1] timestamp,
+# ARGV[2] TTL (s), which is extended, never shortened.
+_NOT_BEFORE_LUA = """
+local current = redis.call('GET', KEYS[1])
+if current and tonumber(current) >= tonumber(ARGV[1]) then
+  if redis.call('TTL', KEYS[1]) < tonumber(ARGV[2]) then
+    redis.call('EXPIRE', KEYS[1], ARGV[2])
+  end
+  return 0
+end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+return 1
+"""
+
 # Presence of one channel: a hash client -> user and a sorted set client -> expiry (ms of
 # server time). KEYS[1] hash, KEYS[2] sorted set; ARGV[1] TTL (ms), then client, user pairs.
 # Both keys live as long as their longest-lived entry.
@@ -346,6 +361,7 @@ class RedisBroker:
         self._position_script = self._redis.register_script(_POSITION_LUA)
         self._history_script = self._redis.register_script(_HISTORY_LUA)
         self._rate_limit_script = self._redis.register_script(_RATE_LIMIT_LUA)
+        self._not_before_script = self._redis.register_script(_NOT_BEFORE_LUA)
         self._presence_update_script = self._redis.register_script(_PRESENCE_UPDATE_LUA)
         self._presence_get_script = self._redis.register_script(_PRESENCE_GET_LUA)
 
@@ -938,7 +954,7 @@ class RedisBroker:
             if ttl <= 0:
                 await self._redis.delete(key)
             else:
-                await self._redis.set(key, repr(float(timestamp)), ex=ttl)
+                await self._not_before_script(keys=[key], args=[repr(float(timestamp)), ttl])
 
     async def get_user_not_before(self, user_id: str) -> float | None:
         with self._guard("get_user_not_before"):

@@ -22,7 +22,8 @@ from sqlalchemy import text
 
 from api.app import UsersApi
 from api.context import ApiContext
-from api.events import HubPublisher, Publisher
+from api.events import Publisher
+from api.outbox import HubSink
 from api.settings import ApiSettings
 from hub.app import create_app as create_hub_app
 from hub.settings import Settings
@@ -88,26 +89,28 @@ def api_settings() -> ApiSettings:
 
 
 @pytest.fixture
-def publisher_factory() -> Any:
-    """How the app publishes; tests override this fixture to wrap the hub publisher."""
-    return HubPublisher
+def sink_factory() -> Any:
+    """Where the outbox relay delivers; tests override this fixture to wrap the hub."""
+    return HubSink
 
 
 async def _empty_tables(context: ApiContext) -> None:
     async with context.db.engine.begin() as conn:
         if context.db.dialect == "postgresql":
-            await conn.execute(text("TRUNCATE users, api_keys, refresh_tokens CASCADE"))
+            await conn.execute(
+                text("TRUNCATE users, api_keys, refresh_tokens, event_outbox CASCADE")
+            )
         else:
-            for table in ("refresh_tokens", "api_keys", "users"):
+            for table in ("refresh_tokens", "api_keys", "users", "event_outbox"):
                 await conn.execute(text(f"DELETE FROM {table}"))
 
 
 @pytest.fixture
 async def app(
-    settings: Settings, api_settings: ApiSettings, publisher_factory: Any
+    settings: Settings, api_settings: ApiSettings, sink_factory: Any
 ) -> AsyncIterator[FastAPI]:
     application = create_hub_app(
-        settings, extensions=[UsersApi(api_settings, publisher_factory=publisher_factory)]
+        settings, extensions=[UsersApi(api_settings, sink_factory=sink_factory)]
     )
     async with application.router.lifespan_context(application):
         await _empty_tables(application.state.api)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Sequence
 
 import pytest
 import schemathesis
@@ -18,21 +17,13 @@ from schemathesis.python.asgi import shutdown_lifespans
 
 from api.app import UsersApi
 from api.db import Database
-from api.events import Event
 from api.migrate import upgrade
+from api.outbox import Outbox
 from api.schemas import UserCreate
 from api.security import Passwords
 from api.services import users
 from hub.app import build_hub
 from hub.app import create_app as create_hub_app
-
-
-class _Quiet:
-    async def publish(self, events: Sequence[Event]) -> None:
-        return None
-
-    async def revoke_user(self, user_id: str) -> None:
-        return None
 
 
 async def _bootstrap_admin(url: str) -> uuid.UUID:
@@ -42,7 +33,7 @@ async def _bootstrap_admin(url: str) -> uuid.UUID:
         async with db.session() as session:
             admin = await users.create_admin(
                 session=session,
-                publisher=_Quiet(),
+                publisher=Outbox(),
                 passwords=Passwords(time_cost=1, memory_kib=1024, parallelism=1),
                 user_create=UserCreate(**new_user_body()),
             )

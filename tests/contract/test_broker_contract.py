@@ -493,6 +493,17 @@ async def test_check_delivery_is_true_when_healthy(broker: Broker) -> None:
     assert await broker.check_delivery(2.0) is True
 
 
+async def test_user_not_before_only_moves_forward(broker: Broker) -> None:
+    # A revocation carried late (after an outage) must not undo a later one.
+    await broker.set_user_not_before("fwd", 200.0, ttl=1)
+    await broker.set_user_not_before("fwd", 100.0, ttl=60)
+    assert await broker.get_user_not_before("fwd") == 200.0
+    await asyncio.sleep(1.6)  # the TTL grew to the longer one: still there
+    assert await broker.get_user_not_before("fwd") == 200.0
+    await broker.set_user_not_before("fwd", 300.5, ttl=60)
+    assert await broker.get_user_not_before("fwd") == 300.5
+
+
 async def test_user_not_before_round_trip_and_expiry(broker: Broker) -> None:
     assert await broker.get_user_not_before("u1") is None
     stamp = 1_712_345_678.123456
