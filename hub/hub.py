@@ -20,6 +20,7 @@ from . import errors
 from .auth import Authenticator, Principal
 from .broker import Broker, BrokerUnavailable, PublishRequest
 from .connection import Connection, TransportKind
+from .connection_slots import ConnectionSlots
 from .errors import Disconnect, HubError
 from .flusher import Flusher
 from .metrics import Metrics
@@ -79,6 +80,9 @@ class Hub:
         # Identifies this worker in `connected` frames and X-Herald-Node headers.
         self.node_id = secrets.token_hex(4)
         self.presence = PresenceTracker(settings, broker, self.node_id, self.publish)
+        self.slots = ConnectionSlots(
+            settings, broker, self.node_id, lambda: self.registry.connections
+        )
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -86,6 +90,7 @@ class Hub:
         await self.broker.start(self)
         self.broker_connected = True
         self._spawn(self.presence.run())
+        self._spawn(self.slots.run())
         self._spawn(self._sweep())
 
     async def drain(self, grace: float | None = None) -> None:
@@ -206,8 +211,11 @@ class Hub:
 
     # -- connections --------------------------------------------------------------------------
 
-    def open_connection(self, principal: Principal, transport: TransportKind) -> Connection:
-        """Register a new authenticated connection or raise :class:`~hub.errors.Refused`."""
+    async def open_connection(self, principal: Principal, transport: TransportKind) -> Connection:
+        """Register a new authenticated connection or raise :class:`~hub.errors.Refused`.
+
+        A user's connections are limited across every worker (``connection_limit``):
+        this worker's count first (no round trip), then a slot claimed in the broker."""
         if not self.accepting:
             raise errors.Refused(errors.SHUTDOWN)
         user = principal.subject if principal.kind == "user" else None
@@ -223,6 +231,11 @@ class Hub:
             max_bytes=self.settings.outbox_max_bytes,
             on_overflow=self._on_overflow,
         )
+        if user is not None:
+            await self.slots.claim(user, conn)
+            if not self.accepting:  # the drain began while the broker answered
+                self.slots.release(user, conn)
+                raise errors.Refused(errors.SHUTDOWN)
         conn.schedule_expiry(principal.expires_at, time.time())
         self.registry.add(conn)
         self.metrics.connections.labels(transport).inc()
@@ -242,6 +255,8 @@ class Hub:
         if conn not in self.registry.connections:
             return
         conn.cancel_expiry()
+        if conn.principal.kind == "user":
+            self.slots.release(conn.principal.subject, conn)
         if conn.closed is not None:  # counted once, whoever closed it
             self.metrics.disconnects.labels(conn.closed.reason).inc()
         subs = len(conn.channels)

@@ -88,6 +88,8 @@ class Settings(BaseSettings):
     max_message_bytes: int = Field(default=64 * 1024, ge=256, le=16 * 1024 * 1024)
     max_channels_per_connection: int = Field(default=128, ge=1)
     max_connections_per_user: int = Field(default=32, ge=1)
+    # How long a user's connection slot outlives a worker that died without freeing it.
+    connection_slot_ttl: int = Field(default=30, ge=2, le=3600)
     max_batch_messages: int = Field(default=1000, ge=1)
     heartbeat_interval: float = Field(default=25.0, gt=0, le=300)
     heartbeat_timeout: float = Field(default=10.0, gt=0, le=300)

@@ -154,3 +154,15 @@ class Broker(Protocol):
     async def presence(self, channel: str) -> dict[str, str]:
         """The live presence of ``channel``: client id -> user id, expired entries
         excluded (and cleaned up)."""
+
+    async def claim_connection_slot(self, user_id: str, slot: str, limit: int, ttl: int) -> bool:
+        """Take one of ``user_id``'s ``limit`` connection slots (shared by all processes)
+        for ``slot``, held ``ttl`` seconds unless refreshed. False if all are held by
+        other live slots; claiming a slot already held just refreshes it."""
+
+    async def refresh_connection_slots(self, slots: Mapping[str, Sequence[str]], ttl: int) -> None:
+        """Hold ``slots[user_id]`` for another ``ttl`` seconds (re-adding any a Redis
+        restart lost), in one round trip. The slots of a process that died expire."""
+
+    async def release_connection_slots(self, slots: Mapping[str, Sequence[str]]) -> None:
+        """Free ``slots[user_id]`` (their connections ended), in one round trip."""

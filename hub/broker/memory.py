@@ -39,6 +39,8 @@ class MemoryBroker:
         self._buckets: dict[str, float] = {}  # GCRA theoretical arrival times
         # channel -> client id -> (user id, expires at, monotonic)
         self._presence: dict[str, dict[str, tuple[str, float]]] = {}
+        # user id -> connection slot -> expiry (monotonic)
+        self._slots: dict[str, dict[str, float]] = {}
         self._closed = False
 
     @property
@@ -189,6 +191,33 @@ class MemoryBroker:
         for client in [c for c, (_, exp) in entries.items() if exp <= now]:
             del entries[client]
         return {client: user for client, (user, _) in entries.items()}
+
+    async def claim_connection_slot(self, user_id: str, slot: str, limit: int, ttl: int) -> bool:
+        now = time.monotonic()
+        held = self._slots.setdefault(user_id, {})
+        for expired in [s for s, expires in held.items() if expires <= now]:
+            del held[expired]
+        if slot not in held and len(held) >= limit:
+            return False
+        held[slot] = now + ttl
+        return True
+
+    async def refresh_connection_slots(self, slots: Mapping[str, Sequence[str]], ttl: int) -> None:
+        expires = time.monotonic() + ttl
+        for user_id, ids in slots.items():
+            held = self._slots.setdefault(user_id, {})
+            for slot in ids:
+                held[slot] = expires
+
+    async def release_connection_slots(self, slots: Mapping[str, Sequence[str]]) -> None:
+        for user_id, ids in slots.items():
+            held = self._slots.get(user_id)
+            if held is None:
+                continue
+            for slot in ids:
+                held.pop(slot, None)
+            if not held:
+                del self._slots[user_id]
 
 
 _conforms: type[Broker] = MemoryBroker

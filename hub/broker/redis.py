@@ -235,6 +235,40 @@ redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
 return 1
 """
 
+# A user's connection slots: a sorted set slot -> expiry (ms of server time). KEYS[1];
+# ARGV[1] slot, ARGV[2] limit, ARGV[3] TTL (ms). Returns 1 if the slot is now held.
+_CLAIM_SLOT_LUA = """
+local now = redis.call('TIME')
+local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+local ttl = tonumber(ARGV[3])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now_ms)
+if not redis.call('ZSCORE', KEYS[1], ARGV[1])
+   and redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then
+  return 0
+end
+redis.call('ZADD', KEYS[1], now_ms + ttl, ARGV[1])
+if redis.call('PTTL', KEYS[1]) < ttl then redis.call('PEXPIRE', KEYS[1], ttl) end
+return 1
+"""
+
+# KEYS[1] a user's slots; ARGV[1] TTL (ms), then the slots to hold for another TTL.
+_REFRESH_SLOTS_LUA = """
+local now = redis.call('TIME')
+local ttl = tonumber(ARGV[1])
+local expire_at = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) + ttl
+local scored = {}
+for i = 2, #ARGV do
+  scored[#scored + 1] = expire_at
+  scored[#scored + 1] = ARGV[i]
+  if #scored >= 1000 or i == #ARGV then
+    redis.call('ZADD', KEYS[1], unpack(scored))
+    scored = {}
+  end
+end
+if redis.call('PTTL', KEYS[1]) < ttl then redis.call('PEXPIRE', KEYS[1], ttl) end
+return 0
+"""
+
 # Presence of one channel: a hash client -> user and a sorted set client -> expiry (ms of
 # server time). KEYS[1] hash, KEYS[2] sorted set; ARGV[1] TTL (ms), then client, user pairs.
 # Both keys live as long as their longest-lived entry.
@@ -362,6 +396,7 @@ class RedisBroker:
         self._history_script = self._redis.register_script(_HISTORY_LUA)
         self._rate_limit_script = self._redis.register_script(_RATE_LIMIT_LUA)
         self._not_before_script = self._redis.register_script(_NOT_BEFORE_LUA)
+        self._claim_slot_script = self._redis.register_script(_CLAIM_SLOT_LUA)
         self._presence_update_script = self._redis.register_script(_PRESENCE_UPDATE_LUA)
         self._presence_get_script = self._redis.register_script(_PRESENCE_GET_LUA)
 
@@ -1002,6 +1037,33 @@ class RedisBroker:
         with self._guard("presence"):
             flat = await self._presence_get_script(keys=self._presence_keys(channel))
         return {flat[i].decode(): flat[i + 1].decode() for i in range(0, len(flat), 2)}
+
+    def _slots_key(self, user_id: str) -> str:
+        return f"{self._prefix}:slots:{user_id}"
+
+    async def claim_connection_slot(self, user_id: str, slot: str, limit: int, ttl: int) -> bool:
+        with self._guard("claim_connection_slot"):
+            held = await self._claim_slot_script(
+                keys=[self._slots_key(user_id)], args=[slot, limit, max(ttl, 1) * 1000]
+            )
+        return bool(int(held))
+
+    async def refresh_connection_slots(self, slots: Mapping[str, Sequence[str]], ttl: int) -> None:
+        ttl_ms = max(ttl, 1) * 1000
+        calls = [
+            ([self._slots_key(user_id)], [ttl_ms, *ids]) for user_id, ids in slots.items() if ids
+        ]
+        if calls:
+            await self._run_script_batch("refresh_connection_slots", _REFRESH_SLOTS_LUA, calls)
+
+    async def release_connection_slots(self, slots: Mapping[str, Sequence[str]]) -> None:
+        pipe = self._redis.pipeline(transaction=False)
+        for user_id, ids in slots.items():
+            if ids:
+                pipe.zrem(self._slots_key(user_id), *ids)
+        if len(pipe):
+            with self._guard("release_connection_slots"):
+                await pipe.execute()
 
 
 def _sha1(script: str) -> str:

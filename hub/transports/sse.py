@@ -209,7 +209,7 @@ async def sse_endpoint(hub: Hub, scope: Scope, receive: Receive, send: Send) -> 
     try:
         principal = await _authenticate(hub, request)
         channels = _requested_channels(request, hub.settings.max_channels_per_connection)
-        conn = hub.open_connection(principal, "sse")
+        conn = await hub.open_connection(principal, "sse")
     except HubError as exc:
         from ..http_errors import STATUS_BY_CODE
 
@@ -229,7 +229,7 @@ async def sse_endpoint(hub: Hub, scope: Scope, receive: Receive, send: Send) -> 
         await response(scope, receive, send)
         return
     except errors.Refused as refused:
-        status = 503 if refused.disconnect is errors.SHUTDOWN else 429
+        status = 503 if refused.disconnect in (errors.SHUTDOWN, errors.BROKER_UNAVAILABLE) else 429
         response = error_response(
             status,
             refused.disconnect.reason,

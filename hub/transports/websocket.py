@@ -102,7 +102,7 @@ class WebSocketSession:
             await self._goodbye(refused.disconnect, refused.frames)
             return
         try:
-            self.conn = self.hub.open_connection(principal, "websocket")
+            self.conn = await self.hub.open_connection(principal, "websocket")
         except errors.Refused as refused_conn:
             self.hub.metrics.disconnects.labels(refused_conn.disconnect.reason).inc()
             await self._goodbye(refused_conn.disconnect)

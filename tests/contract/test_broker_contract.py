@@ -504,6 +504,28 @@ async def test_user_not_before_only_moves_forward(broker: Broker) -> None:
     assert await broker.get_user_not_before("fwd") == 300.5
 
 
+async def test_connection_slots_hold_a_user_to_the_limit(broker: Broker) -> None:
+    assert await broker.claim_connection_slot("u1", "a", limit=2, ttl=60)
+    assert await broker.claim_connection_slot("u1", "b", limit=2, ttl=60)
+    assert not await broker.claim_connection_slot("u1", "c", limit=2, ttl=60)
+    assert await broker.claim_connection_slot("u1", "a", limit=2, ttl=60)  # held: refresh
+    assert await broker.claim_connection_slot("u2", "c", limit=2, ttl=60)  # per user
+    await broker.release_connection_slots({"u1": ["b", "never-held"], "nobody": ["x"]})
+    assert await broker.claim_connection_slot("u1", "c", limit=2, ttl=60)
+    assert not await broker.claim_connection_slot("u1", "d", limit=2, ttl=60)
+
+
+async def test_connection_slots_expire_unless_refreshed(broker: Broker) -> None:
+    assert await broker.claim_connection_slot("u3", "kept", limit=2, ttl=1)
+    assert await broker.claim_connection_slot("u3", "dead", limit=2, ttl=1)
+    assert not await broker.claim_connection_slot("u3", "new", limit=2, ttl=1)
+    for _ in range(4):  # 2 s: past the TTL of "dead", never of "kept"
+        await asyncio.sleep(0.5)
+        await broker.refresh_connection_slots({"u3": ["kept"]}, ttl=1)
+    assert await broker.claim_connection_slot("u3", "new", limit=2, ttl=60)
+    assert not await broker.claim_connection_slot("u3", "dead", limit=2, ttl=60)
+
+
 async def test_user_not_before_round_trip_and_expiry(broker: Broker) -> None:
     assert await broker.get_user_not_before("u1") is None
     stamp = 1_712_345_678.123456
@@ -612,6 +634,19 @@ async def test_rate_limits_are_shared_between_workers(make_redis_broker: BrokerF
     assert (await first.rate_limit("shared", rate=2, burst=3)).remaining == 0
     refused = await second.rate_limit("shared", rate=2, burst=3)
     assert refused.allowed is False and refused.retry_after > 0
+
+
+@redis_only
+async def test_connection_slots_are_shared_between_workers(
+    make_redis_broker: BrokerFactory,
+) -> None:
+    first, _ = await make_redis_broker()
+    second, _ = await make_redis_broker()
+    assert await first.claim_connection_slot("u7", "w1-1", limit=2, ttl=60)
+    assert await second.claim_connection_slot("u7", "w2-1", limit=2, ttl=60)
+    assert not await first.claim_connection_slot("u7", "w1-2", limit=2, ttl=60)
+    await second.release_connection_slots({"u7": ["w2-1"]})
+    assert await first.claim_connection_slot("u7", "w1-2", limit=2, ttl=60)
 
 
 @redis_only

@@ -355,7 +355,7 @@ async def test_disconnect_endpoint_is_admin_only(api: Api) -> None:
 
 async def test_disconnect_with_revoke_closes_and_refuses_old_tokens(api: Api) -> None:
     victim = api.token("9")
-    conn = api.hub.open_connection(
+    conn = await api.hub.open_connection(
         await api.hub.authenticator.authenticate(victim["Authorization"][7:]), "websocket"
     )
     response = await api.client.post(
@@ -404,7 +404,7 @@ async def test_metrics_count_publishes_and_connections(api: Api) -> None:
     body = {"channel": "public:a", "event": "e", "data": 1}
     for _ in range(3):
         assert (await api.client.post("/api/v1/publish", json=body, headers=KEY)).status_code == 200
-    conn = api.hub.open_connection(user("1"), "sse")
+    conn = await api.hub.open_connection(user("1"), "sse")
     response = await api.client.get("/metrics")
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/plain")
@@ -424,7 +424,7 @@ async def test_openapi_lists_the_publish_api(api: Api) -> None:
 async def test_stats_are_admin_only_and_count_live_connections(api: Api) -> None:
     body = {"channel": "public:a", "event": "e", "data": 1}
     assert (await api.client.post("/api/v1/publish", json=body, headers=KEY)).status_code == 200
-    conn = api.hub.open_connection(user("1"), "websocket")
+    conn = await api.hub.open_connection(user("1"), "websocket")
     refused = await api.client.get("/api/v1/stats", headers=api.token("1"))
     assert refused.status_code == 403
     assert (await api.client.get("/api/v1/stats")).status_code == 401

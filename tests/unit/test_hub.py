@@ -57,8 +57,8 @@ def ns(items: list[Any]) -> list[int]:
 
 async def test_first_subscriber_subscribes_the_broker_last_unsubscribes(hub: Hub) -> None:
     broker = spy(hub)
-    a = hub.open_connection(user("1"), "websocket")
-    b = hub.open_connection(user("2"), "websocket")
+    a = await hub.open_connection(user("1"), "websocket")
+    b = await hub.open_connection(user("2"), "websocket")
     await hub.subscribe(a, "public:x")
     await hub.subscribe(b, "public:x")
     assert broker.subscribe_calls == [("public:x",)]
@@ -72,14 +72,14 @@ async def test_first_subscriber_subscribes_the_broker_last_unsubscribes(hub: Hub
 
 
 async def test_concurrent_first_subscribers_subscribe_the_broker_once(hub: Hub) -> None:
-    conns = [hub.open_connection(user(str(n)), "websocket") for n in range(5)]
+    conns = [await hub.open_connection(user(str(n)), "websocket") for n in range(5)]
     await asyncio.gather(*(hub.subscribe(c, "public:x") for c in conns))
     assert spy(hub).subscribe_calls == [("public:x",)]
 
 
 async def test_releasing_the_last_connection_unsubscribes_the_broker(hub: Hub) -> None:
     broker = spy(hub)
-    a = hub.open_connection(user("1"), "websocket")
+    a = await hub.open_connection(user("1"), "websocket")
     await hub.subscribe(a, "public:x")
     await hub.subscribe(a, "user:1")
     hub.release_connection(a)
@@ -91,7 +91,7 @@ async def test_releasing_the_last_connection_unsubscribes_the_broker(hub: Hub) -
 
 async def test_resubscribe_after_unsubscribe_subscribes_the_broker_again(hub: Hub) -> None:
     broker = spy(hub)
-    a = hub.open_connection(user("1"), "websocket")
+    a = await hub.open_connection(user("1"), "websocket")
     await hub.subscribe(a, "public:x")
     await hub.unsubscribe(a, "public:x")
     await hub.subscribe(a, "public:x")
@@ -106,7 +106,7 @@ async def test_resubscribe_after_unsubscribe_subscribes_the_broker_again(hub: Hu
 
 async def test_subscribe_without_since_delivers_only_newer_messages(hub: Hub) -> None:
     await publish(hub, "public:x", 1, 2)
-    a = hub.open_connection(user("1"), "websocket")
+    a = await hub.open_connection(user("1"), "websocket")
     result = await hub.subscribe(a, "public:x")
     assert result.channel == "public:x"
     assert result.position.offset == 2
@@ -120,7 +120,7 @@ async def test_subscribe_without_since_delivers_only_newer_messages(hub: Hub) ->
 async def test_subscribe_with_since_replays_missed_messages(hub: Hub) -> None:
     await publish(hub, "public:x", 1, 2, 3, 4)
     top = await hub.broker.position("public:x")
-    a = hub.open_connection(user("1"), "websocket")
+    a = await hub.open_connection(user("1"), "websocket")
     result = await hub.subscribe(a, "public:x", StreamPosition(2, top.epoch))
     assert result.recovered is True
     assert result.position == top
@@ -133,7 +133,7 @@ async def test_subscribe_with_since_replays_missed_messages(hub: Hub) -> None:
 async def test_subscribe_with_since_at_the_top_recovers_nothing_missing(hub: Hub) -> None:
     await publish(hub, "public:x", 1)
     top = await hub.broker.position("public:x")
-    a = hub.open_connection(user("1"), "websocket")
+    a = await hub.open_connection(user("1"), "websocket")
     result = await hub.subscribe(a, "public:x", top)
     assert result.recovered is True
     assert await drain_outbox(a) == []
@@ -141,7 +141,7 @@ async def test_subscribe_with_since_at_the_top_recovers_nothing_missing(hub: Hub
 
 async def test_subscribe_with_unknown_epoch_is_not_recovered(hub: Hub) -> None:
     await publish(hub, "public:x", 1, 2)
-    a = hub.open_connection(user("1"), "websocket")
+    a = await hub.open_connection(user("1"), "websocket")
     result = await hub.subscribe(a, "public:x", StreamPosition(1, "other-epoch"))
     assert result.recovered is False
     assert result.position.offset == 2
@@ -154,9 +154,9 @@ async def test_subscribe_with_since_older_than_history_is_not_recovered(
     async with running_hub(settings_factory(history_size=2)) as hub:
         await publish(hub, "public:x", 1, 2, 3, 4)
         top = await hub.broker.position("public:x")
-        a = hub.open_connection(user("1"), "websocket")
+        a = await hub.open_connection(user("1"), "websocket")
         assert (await hub.subscribe(a, "public:x", StreamPosition(1, top.epoch))).recovered is False
-        b = hub.open_connection(user("2"), "websocket")
+        b = await hub.open_connection(user("2"), "websocket")
         result = await hub.subscribe(b, "public:x", StreamPosition(2, top.epoch))
         assert result.recovered is True
         assert ns(await drain_outbox(b)) == [3, 4]
@@ -174,7 +174,7 @@ async def test_live_messages_during_recovery_arrive_once_in_order(hub: Hub) -> N
         await publish(hub, "public:x", 5, 6)
 
     broker.before_history, broker.after_history = before, after
-    a = hub.open_connection(user("1"), "websocket")
+    a = await hub.open_connection(user("1"), "websocket")
     result = await hub.subscribe(a, "public:x", StreamPosition(1, epoch))
     broker.before_history = broker.after_history = None
     assert result.recovered is True
@@ -191,7 +191,7 @@ async def test_fresh_subscribe_starts_right_after_the_reported_top(hub: Hub) -> 
         return await original_position(channel)
 
     broker.position = racing_position  # type: ignore[method-assign]
-    a = hub.open_connection(user("1"), "websocket")
+    a = await hub.open_connection(user("1"), "websocket")
     result = await hub.subscribe(a, "public:x")
     broker.position = original_position  # type: ignore[method-assign]
     assert result.position.offset == 1
@@ -204,7 +204,7 @@ async def test_fresh_subscribe_starts_right_after_the_reported_top(hub: Hub) -> 
 async def test_subscribe_reply_is_queued_before_the_replay(hub: Hub) -> None:
     await publish(hub, "public:x", 1, 2, 3)
     epoch = (await hub.broker.position("public:x")).epoch
-    a = hub.open_connection(user("1"), "websocket")
+    a = await hub.open_connection(user("1"), "websocket")
     seen: list[SubscribeResult] = []
 
     def reply(result: SubscribeResult) -> bytes:
@@ -228,7 +228,7 @@ async def subscribe_error(hub: Hub, conn: Connection, channel: object) -> HubErr
 
 
 async def test_subscribe_twice_is_already_subscribed(hub: Hub) -> None:
-    a = hub.open_connection(user("1"), "websocket")
+    a = await hub.open_connection(user("1"), "websocket")
     await hub.subscribe(a, "public:x")
     assert (await subscribe_error(hub, a, "public:x")).code == errors.ALREADY_SUBSCRIBED
     assert spy(hub).subscribe_calls == [("public:x",)]
@@ -236,7 +236,7 @@ async def test_subscribe_twice_is_already_subscribed(hub: Hub) -> None:
 
 async def test_too_many_channels(settings_factory: Callable[..., Settings]) -> None:
     async with running_hub(settings_factory(max_channels_per_connection=2)) as hub:
-        a = hub.open_connection(user("1"), "websocket")
+        a = await hub.open_connection(user("1"), "websocket")
         await hub.subscribe(a, "public:1")
         await hub.subscribe(a, "public:2")
         error = await subscribe_error(hub, a, "public:3")
@@ -248,7 +248,7 @@ async def test_too_many_channels(settings_factory: Callable[..., Settings]) -> N
 
 
 async def test_forbidden_and_bad_channels_leave_no_trace(hub: Hub) -> None:
-    a = hub.open_connection(user("1"), "websocket")
+    a = await hub.open_connection(user("1"), "websocket")
     assert (await subscribe_error(hub, a, "user:2")).code == errors.FORBIDDEN
     assert (await subscribe_error(hub, a, "users")).code == errors.FORBIDDEN
     assert (await subscribe_error(hub, a, "bad channel")).code == errors.BAD_CHANNEL
@@ -258,7 +258,7 @@ async def test_forbidden_and_bad_channels_leave_no_trace(hub: Hub) -> None:
 
 
 async def test_unsubscribe_unknown_channel_is_not_subscribed(hub: Hub) -> None:
-    a = hub.open_connection(user("1"), "websocket")
+    a = await hub.open_connection(user("1"), "websocket")
     for channel in ("public:x", None, 5):
         with pytest.raises(HubError) as info:
             await hub.unsubscribe(a, channel)
@@ -266,8 +266,8 @@ async def test_unsubscribe_unknown_channel_is_not_subscribed(hub: Hub) -> None:
 
 
 async def test_unsubscribed_connection_receives_nothing_more(hub: Hub) -> None:
-    a = hub.open_connection(user("1"), "websocket")
-    b = hub.open_connection(user("2"), "websocket")
+    a = await hub.open_connection(user("1"), "websocket")
+    b = await hub.open_connection(user("2"), "websocket")
     await hub.subscribe(a, "public:x")
     await hub.subscribe(b, "public:x")
     assert await hub.unsubscribe(a, "public:x") == "public:x"
@@ -277,7 +277,7 @@ async def test_unsubscribed_connection_receives_nothing_more(hub: Hub) -> None:
 
 
 async def test_fanout_from_the_broker_shares_one_encoding(hub: Hub) -> None:
-    conns = [hub.open_connection(user(str(n)), "websocket") for n in range(3)]
+    conns = [await hub.open_connection(user(str(n)), "websocket") for n in range(3)]
     for c in conns:
         await hub.subscribe(c, "public:x")
     await publish(hub, "public:x", 1)
@@ -347,25 +347,88 @@ async def test_publish_validates_event_channel_and_data(hub: Hub) -> None:
 
 async def test_connection_limit_per_user(settings_factory: Callable[..., Settings]) -> None:
     async with running_hub(settings_factory(max_connections_per_user=2)) as hub:
-        a = hub.open_connection(user("1"), "websocket")
-        hub.open_connection(user("1"), "sse")
+        a = await hub.open_connection(user("1"), "websocket")
+        await hub.open_connection(user("1"), "sse")
         with pytest.raises(errors.Refused) as info:
-            hub.open_connection(user("1"), "websocket")
+            await hub.open_connection(user("1"), "websocket")
         assert info.value.disconnect is errors.CONNECTION_LIMIT
-        hub.open_connection(user("2"), "websocket")  # other users are not affected
+        await hub.open_connection(user("2"), "websocket")  # other users are not affected
         for _ in range(3):
-            hub.open_connection(service(), "websocket")  # services are not limited per user
+            await hub.open_connection(service(), "websocket")  # services are not limited per user
         hub.release_connection(a)
-        hub.open_connection(user("1"), "websocket")
+        await hub.open_connection(user("1"), "websocket")
+
+
+async def test_connection_limit_counts_the_other_workers_connections(
+    settings_factory: Callable[..., Settings],
+) -> None:
+    # Slots held in the broker by "another worker" count against this worker's users.
+    async with running_hub(settings_factory(max_connections_per_user=3)) as hub:
+        for n in range(2):
+            assert await hub.broker.claim_connection_slot("1", f"elsewhere-{n}", 3, 30)
+        mine = await hub.open_connection(user("1"), "websocket")
+        with pytest.raises(errors.Refused) as info:
+            await hub.open_connection(user("1"), "sse")
+        assert info.value.disconnect is errors.CONNECTION_LIMIT
+        await hub.broker.release_connection_slots({"1": ["elsewhere-0"]})
+        await hub.open_connection(user("1"), "sse")  # the other worker's client left
+        assert mine.closed is None
+
+
+async def test_a_closed_connection_frees_its_slot_for_an_immediate_reconnect(
+    settings_factory: Callable[..., Settings],
+) -> None:
+    async with running_hub(settings_factory(max_connections_per_user=1)) as hub:
+        first = await hub.open_connection(user("1"), "websocket")
+        hub.release_connection(first)  # the release is queued...
+        await hub.open_connection(user("1"), "websocket")  # ...and sent before this claim
+        # A slot freed by a connection that ended is free in the broker too.
+        second = await hub.open_connection(user("2"), "websocket")
+        hub.release_connection(second)
+        await wait_until(lambda: not hub.slots._releases)
+        assert await hub.broker.claim_connection_slot("2", "elsewhere", 1, 30)
+
+
+async def test_held_slots_are_refreshed_and_those_of_a_dead_worker_expire(
+    settings_factory: Callable[..., Settings],
+) -> None:
+    settings = settings_factory(max_connections_per_user=2, connection_slot_ttl=2)
+    async with running_hub(settings) as hub:
+        await hub.open_connection(user("1"), "websocket")
+        assert await hub.broker.claim_connection_slot("1", "dead-worker", 2, 2)
+        with pytest.raises(errors.Refused):
+            await hub.open_connection(user("1"), "websocket")
+        await asyncio.sleep(3)  # past the TTL: refreshed for the live one only
+        await hub.open_connection(user("1"), "websocket")
+        with pytest.raises(errors.Refused):
+            await hub.open_connection(user("1"), "websocket")
+
+
+async def test_a_broker_that_cannot_be_asked_refuses_with_unavailable(
+    settings_factory: Callable[..., Settings],
+) -> None:
+    from hub.broker import BrokerUnavailable
+
+    async with running_hub(settings_factory()) as hub:
+
+        async def down(*args: Any, **kwargs: Any) -> bool:
+            raise BrokerUnavailable("down (test)")
+
+        hub.broker.claim_connection_slot = down  # type: ignore[method-assign]
+        with pytest.raises(errors.Refused) as info:
+            await hub.open_connection(user("1"), "websocket")
+        assert info.value.disconnect is errors.BROKER_UNAVAILABLE
+        assert not hub.registry.connections
+        await hub.open_connection(service(), "websocket")  # services need no slot
 
 
 async def test_disconnect_user_closes_only_that_users_connections_and_revokes(hub: Hub) -> None:
     tokens = hub.authenticator.tokens
     old_token = tokens.issue("7")
     principal = await hub.authenticator.authenticate_token(old_token)
-    a = hub.open_connection(principal, "websocket")
-    b = hub.open_connection(principal, "sse")
-    other = hub.open_connection(user("8"), "websocket")
+    a = await hub.open_connection(principal, "websocket")
+    b = await hub.open_connection(principal, "sse")
+    other = await hub.open_connection(user("8"), "websocket")
     await hub.disconnect_user("7")
     assert a.closed is errors.USER_DISABLED and b.closed is errors.USER_DISABLED
     assert other.closed is None
@@ -377,33 +440,33 @@ async def test_disconnect_user_closes_only_that_users_connections_and_revokes(hu
 
 async def test_disconnect_user_without_revoke_forces_reconnect(hub: Hub) -> None:
     token = hub.authenticator.tokens.issue("7")
-    a = hub.open_connection(await hub.authenticator.authenticate_token(token), "websocket")
+    a = await hub.open_connection(await hub.authenticator.authenticate_token(token), "websocket")
     await hub.disconnect_user("7", revoke=False, disconnect=errors.FORCE_RECONNECT)
     assert a.closed is errors.FORCE_RECONNECT and a.closed.reconnect
     assert (await hub.authenticator.authenticate_token(token)).subject == "7"
 
 
 async def test_unknown_control_command_is_ignored(hub: Hub) -> None:
-    a = hub.open_connection(user("7"), "websocket")
+    a = await hub.open_connection(user("7"), "websocket")
     await hub.broker.send_control({"type": "nonsense", "user": "7"})
     await hub.broker.send_control({"type": "disconnect_user", "user": 7})
     assert a.closed is None
 
 
 async def test_drain_closes_everything_with_shutdown_and_refuses_new(hub: Hub) -> None:
-    conns = [hub.open_connection(user(str(n)), "websocket") for n in range(3)]
+    conns = [await hub.open_connection(user(str(n)), "websocket") for n in range(3)]
     started = time.monotonic()
     await hub.drain(grace=0.1)
     assert time.monotonic() - started < 2
     assert all(c.closed is errors.SHUTDOWN for c in conns)
     assert not hub.accepting
     with pytest.raises(errors.Refused) as info:
-        hub.open_connection(user("9"), "websocket")
+        await hub.open_connection(user("9"), "websocket")
     assert info.value.disconnect is errors.SHUTDOWN
 
 
 async def test_drain_returns_as_soon_as_connections_are_released(hub: Hub) -> None:
-    conns = [hub.open_connection(user(str(n)), "websocket") for n in range(2)]
+    conns = [await hub.open_connection(user(str(n)), "websocket") for n in range(2)]
 
     async def handler(conn: Connection) -> None:  # what a transport does on close
         await conn.wait_closed()
@@ -417,8 +480,8 @@ async def test_drain_returns_as_soon_as_connections_are_released(hub: Hub) -> No
 
 
 async def test_token_expiry_closes_the_connection(hub: Hub) -> None:
-    a = hub.open_connection(user("1", expires_at=time.time() + 0.1), "websocket")
-    forever = hub.open_connection(user("2"), "websocket")
+    a = await hub.open_connection(user("1", expires_at=time.time() + 0.1), "websocket")
+    forever = await hub.open_connection(user("2"), "websocket")
     await asyncio.wait_for(a.wait_closed(), 2)
     assert a.closed is errors.TOKEN_EXPIRED_DISCONNECT
     assert forever.closed is None
@@ -426,7 +489,7 @@ async def test_token_expiry_closes_the_connection(hub: Hub) -> None:
 
 async def test_refresh_extends_the_connection(hub: Hub) -> None:
     tokens = hub.authenticator.tokens
-    a = hub.open_connection(user("1", expires_at=time.time() + 0.15), "websocket")
+    a = await hub.open_connection(user("1", expires_at=time.time() + 0.15), "websocket")
     principal = await hub.refresh(a, tokens.issue("1", ttl=600))
     assert a.principal is principal and principal.expires_at is not None
     await asyncio.sleep(0.3)
@@ -434,7 +497,7 @@ async def test_refresh_extends_the_connection(hub: Hub) -> None:
 
 
 async def test_refresh_with_another_subjects_token_is_forbidden(hub: Hub) -> None:
-    a = hub.open_connection(user("1"), "websocket")
+    a = await hub.open_connection(user("1"), "websocket")
     with pytest.raises(HubError) as info:
         await hub.refresh(a, hub.authenticator.tokens.issue("2"))
     assert info.value.code == errors.FORBIDDEN
@@ -442,7 +505,7 @@ async def test_refresh_with_another_subjects_token_is_forbidden(hub: Hub) -> Non
 
 
 async def test_refresh_with_an_invalid_token_is_unauthorized(hub: Hub) -> None:
-    a = hub.open_connection(user("1"), "websocket")
+    a = await hub.open_connection(user("1"), "websocket")
     with pytest.raises(HubError) as info:
         await hub.refresh(a, "not-a-token")
     assert info.value.code == errors.UNAUTHORIZED
@@ -452,8 +515,8 @@ async def test_slow_subscriber_is_dropped_and_counted(
     settings_factory: Callable[..., Settings],
 ) -> None:
     async with running_hub(settings_factory(outbox_max_messages=8)) as hub:
-        slow = hub.open_connection(user("1"), "websocket")
-        fast = hub.open_connection(user("2"), "websocket")
+        slow = await hub.open_connection(user("1"), "websocket")
+        fast = await hub.open_connection(user("2"), "websocket")
         await hub.subscribe(slow, "public:x")
         await hub.subscribe(fast, "public:x")
         got: list[int] = []
@@ -470,7 +533,7 @@ async def test_slow_subscriber_is_dropped_and_counted(
 
 async def test_broker_reconnect_refills_missed_messages_once_in_order(hub: Hub) -> None:
     broker = spy(hub)
-    a = hub.open_connection(user("1"), "websocket")
+    a = await hub.open_connection(user("1"), "websocket")
     await hub.subscribe(a, "public:x")
     await publish(hub, "public:x", 1)
     hub.on_broker_state(False)
@@ -489,7 +552,7 @@ async def test_broker_reconnect_past_history_makes_subscribers_resubscribe(
 ) -> None:
     async with running_hub(settings_factory(history_size=1)) as hub:
         broker = spy(hub)
-        a = hub.open_connection(user("1"), "websocket")
+        a = await hub.open_connection(user("1"), "websocket")
         await hub.subscribe(a, "public:x")
         broker._subscribed.discard("public:x")
         await publish(hub, "public:x", 1, 2, 3)

@@ -26,9 +26,9 @@ async def test_presence_counts_connections_per_user_and_forgets_leavers(
 ) -> None:
     settings = settings_factory(namespaces=PRESENCE_NS, presence_ttl=30)
     async with running_hub(settings) as hub:
-        a1 = hub.open_connection(user("a"), "websocket")
-        a2 = hub.open_connection(user("a"), "sse")
-        b = hub.open_connection(user("b"), "websocket")
+        a1 = await hub.open_connection(user("a"), "websocket")
+        a2 = await hub.open_connection(user("a"), "sse")
+        b = await hub.open_connection(user("b"), "websocket")
         for conn in (a1, a2, b):
             await hub.subscribe(conn, "public:room")
         await wait_until(lambda: len(hub.broker._presence.get("public:room", {})) == 3)  # type: ignore[attr-defined]
@@ -46,9 +46,9 @@ async def test_join_and_leave_are_published_on_the_channel_when_enabled(
 ) -> None:
     settings = settings_factory(namespaces=PRESENCE_NS, history_size=100)
     async with running_hub(settings) as hub:
-        watcher = hub.open_connection(user("w"), "websocket")
+        watcher = await hub.open_connection(user("w"), "websocket")
         await hub.subscribe(watcher, "public:room")
-        joiner = hub.open_connection(user("j"), "websocket")
+        joiner = await hub.open_connection(user("j"), "websocket")
         await hub.subscribe(joiner, "public:room")
         await hub.unsubscribe(joiner, "public:room")
 
@@ -69,7 +69,7 @@ async def test_no_presence_and_no_events_where_not_enabled(
 ) -> None:
     settings = settings_factory(namespaces=PRESENCE_NS)
     async with running_hub(settings) as hub:
-        conn = hub.open_connection(user("42"), "websocket")
+        conn = await hub.open_connection(user("42"), "websocket")
         await hub.subscribe(conn, "user:42")
         await asyncio.sleep(0.05)
         assert await hub.broker.presence("user:42") == {}
