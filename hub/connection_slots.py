@@ -7,11 +7,13 @@ when their connection ends; the slots of a worker that died expire by themselves
 worker's own count is checked first, so a user over the limit on one worker costs no
 broker round trip.
 
-Releases are batched by a background loop, which also refreshes. A claim first sends
-its user's queued releases, so a client that closes and reconnects at once is not
-refused by its own old connection. Every release and refresh holds one lock: a refresh
-in flight can never write back a slot whose release was sent after it. Service
-connections (API keys) are not limited.
+The claims made in one event-loop iteration (a connection storm) go to the broker in
+one round trip. Releases are batched by a background loop, which also refreshes. A
+claim first sends its user's queued releases, so a client that closes and reconnects
+at once is not refused by its own old connection. Every release and refresh holds one
+lock: a refresh in flight can never write back a slot whose release was sent after it.
+Service connections (API keys) are not limited. Cost: one broker round trip per user
+connection (docs/performance.md, "Connection limit across workers").
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ class ConnectionSlots:
         self._releases: dict[str, list[str]] = {}
         self._wake = asyncio.Event()
         self._writing = asyncio.Lock()
+        self._claims: list[tuple[str, str, asyncio.Future[bool]]] = []
+        self._claim_tasks: set[asyncio.Task[None]] = set()
 
     def slot(self, conn: Connection) -> str:
         return f"{self._node_id}-{conn.id}"
@@ -52,18 +56,47 @@ class ConnectionSlots:
     async def claim(self, user_id: str, conn: Connection) -> None:
         """Hold a slot for ``conn`` or raise :class:`~hub.errors.Refused`
         (``connection_limit``, or ``unavailable`` if the broker cannot be asked)."""
+        held = asyncio.get_running_loop().create_future()
+        if not self._claims:
+            task = asyncio.ensure_future(self._send_claims())
+            self._claim_tasks.add(task)
+            task.add_done_callback(self._claim_tasks.discard)
+        self._claims.append((user_id, self.slot(conn), held))
         try:
-            released = self._releases.pop(user_id, None)
-            if released:
-                async with self._writing:
-                    await self._broker.release_connection_slots({user_id: released})
-            held = await self._broker.claim_connection_slot(
-                user_id, self.slot(conn), self._limit, self._ttl
-            )
+            granted = await held
         except BrokerUnavailable:
             raise errors.Refused(errors.BROKER_UNAVAILABLE) from None
-        if not held:
+        if not granted:
             raise errors.Refused(errors.CONNECTION_LIMIT)
+
+    async def _send_claims(self) -> None:
+        """Runs once the current loop iteration has queued its claims: sends them (after
+        their users' queued releases) in one round trip."""
+        await asyncio.sleep(0)
+        claims, self._claims = self._claims, []
+        try:
+            users = {user_id for user_id, _, _ in claims}
+            released = {u: ids for u in users if (ids := self._releases.pop(u, None))}
+            if released:
+                async with self._writing:
+                    await self._broker.release_connection_slots(released)
+            results = await self._broker.claim_connection_slots(
+                [(user_id, slot) for user_id, slot, _ in claims], self._limit, self._ttl
+            )
+        except Exception as exc:
+            if not isinstance(exc, BrokerUnavailable):
+                logger.exception("claiming connection slots failed")
+                exc = BrokerUnavailable(str(exc))
+            for _, _, waiter in claims:
+                if not waiter.done():
+                    waiter.set_exception(exc)
+            return
+        for (user_id, slot, waiter), granted in zip(claims, results, strict=True):
+            if not waiter.done():
+                waiter.set_result(granted)
+            elif granted:  # its connection gave up meanwhile: free the slot again
+                self._releases.setdefault(user_id, []).append(slot)
+                self._wake.set()
 
     def release(self, user_id: str, conn: Connection) -> None:
         """Free ``conn``'s slot (soon, in a batch with the others)."""

@@ -155,10 +155,13 @@ class Broker(Protocol):
         """The live presence of ``channel``: client id -> user id, expired entries
         excluded (and cleaned up)."""
 
-    async def claim_connection_slot(self, user_id: str, slot: str, limit: int, ttl: int) -> bool:
-        """Take one of ``user_id``'s ``limit`` connection slots (shared by all processes)
-        for ``slot``, held ``ttl`` seconds unless refreshed. False if all are held by
-        other live slots; claiming a slot already held just refreshes it."""
+    async def claim_connection_slots(
+        self, claims: Sequence[tuple[str, str]], limit: int, ttl: int
+    ) -> list[bool]:
+        """For each ``(user_id, slot)``, in order and in one round trip: take one of
+        ``user_id``'s ``limit`` connection slots (shared by all processes), held ``ttl``
+        seconds unless refreshed. False where all are held by other live slots; claiming
+        a slot already held just refreshes it."""
 
     async def refresh_connection_slots(self, slots: Mapping[str, Sequence[str]], ttl: int) -> None:
         """Hold ``slots[user_id]`` for another ``ttl`` seconds (re-adding any a Redis

@@ -192,7 +192,12 @@ class MemoryBroker:
             del entries[client]
         return {client: user for client, (user, _) in entries.items()}
 
-    async def claim_connection_slot(self, user_id: str, slot: str, limit: int, ttl: int) -> bool:
+    async def claim_connection_slots(
+        self, claims: Sequence[tuple[str, str]], limit: int, ttl: int
+    ) -> list[bool]:
+        return [self._claim_slot(user_id, slot, limit, ttl) for user_id, slot in claims]
+
+    def _claim_slot(self, user_id: str, slot: str, limit: int, ttl: int) -> bool:
         now = time.monotonic()
         held = self._slots.setdefault(user_id, {})
         for expired in [s for s, expires in held.items() if expires <= now]:

@@ -1041,12 +1041,22 @@ class RedisBroker:
     def _slots_key(self, user_id: str) -> str:
         return f"{self._prefix}:slots:{user_id}"
 
-    async def claim_connection_slot(self, user_id: str, slot: str, limit: int, ttl: int) -> bool:
-        with self._guard("claim_connection_slot"):
-            held = await self._claim_slot_script(
-                keys=[self._slots_key(user_id)], args=[slot, limit, max(ttl, 1) * 1000]
-            )
-        return bool(int(held))
+    async def claim_connection_slots(
+        self, claims: Sequence[tuple[str, str]], limit: int, ttl: int
+    ) -> list[bool]:
+        if not claims:
+            return []
+        ttl_ms = max(ttl, 1) * 1000
+        if len(claims) == 1:  # the usual case: one EVALSHA costs a third less than a batch
+            user_id, slot = claims[0]
+            with self._guard("claim_connection_slots"):
+                held = await self._claim_slot_script(
+                    keys=[self._slots_key(user_id)], args=[slot, limit, ttl_ms]
+                )
+            return [bool(int(held))]
+        calls = [([self._slots_key(user_id)], [slot, limit, ttl_ms]) for user_id, slot in claims]
+        results = await self._run_script_batch("claim_connection_slots", _CLAIM_SLOT_LUA, calls)
+        return [bool(int(held)) for held in results]
 
     async def refresh_connection_slots(self, slots: Mapping[str, Sequence[str]], ttl: int) -> None:
         ttl_ms = max(ttl, 1) * 1000

@@ -504,26 +504,37 @@ async def test_user_not_before_only_moves_forward(broker: Broker) -> None:
     assert await broker.get_user_not_before("fwd") == 300.5
 
 
+async def claim_slot(broker: Broker, user_id: str, slot: str, limit: int, ttl: int) -> bool:
+    [held] = await broker.claim_connection_slots([(user_id, slot)], limit, ttl)
+    return held
+
+
+async def test_connection_slots_claimed_together_are_claimed_in_order(broker: Broker) -> None:
+    claims = [("u5", "a"), ("u6", "a"), ("u5", "b"), ("u5", "c"), ("u5", "a")]
+    assert await broker.claim_connection_slots(claims, 2, 60) == [True, True, True, False, True]
+    assert await broker.claim_connection_slots([], 2, 60) == []
+
+
 async def test_connection_slots_hold_a_user_to_the_limit(broker: Broker) -> None:
-    assert await broker.claim_connection_slot("u1", "a", limit=2, ttl=60)
-    assert await broker.claim_connection_slot("u1", "b", limit=2, ttl=60)
-    assert not await broker.claim_connection_slot("u1", "c", limit=2, ttl=60)
-    assert await broker.claim_connection_slot("u1", "a", limit=2, ttl=60)  # held: refresh
-    assert await broker.claim_connection_slot("u2", "c", limit=2, ttl=60)  # per user
+    assert await claim_slot(broker, "u1", "a", limit=2, ttl=60)
+    assert await claim_slot(broker, "u1", "b", limit=2, ttl=60)
+    assert not await claim_slot(broker, "u1", "c", limit=2, ttl=60)
+    assert await claim_slot(broker, "u1", "a", limit=2, ttl=60)  # held: refresh
+    assert await claim_slot(broker, "u2", "c", limit=2, ttl=60)  # per user
     await broker.release_connection_slots({"u1": ["b", "never-held"], "nobody": ["x"]})
-    assert await broker.claim_connection_slot("u1", "c", limit=2, ttl=60)
-    assert not await broker.claim_connection_slot("u1", "d", limit=2, ttl=60)
+    assert await claim_slot(broker, "u1", "c", limit=2, ttl=60)
+    assert not await claim_slot(broker, "u1", "d", limit=2, ttl=60)
 
 
 async def test_connection_slots_expire_unless_refreshed(broker: Broker) -> None:
-    assert await broker.claim_connection_slot("u3", "kept", limit=2, ttl=1)
-    assert await broker.claim_connection_slot("u3", "dead", limit=2, ttl=1)
-    assert not await broker.claim_connection_slot("u3", "new", limit=2, ttl=1)
+    assert await claim_slot(broker, "u3", "kept", limit=2, ttl=1)
+    assert await claim_slot(broker, "u3", "dead", limit=2, ttl=1)
+    assert not await claim_slot(broker, "u3", "new", limit=2, ttl=1)
     for _ in range(4):  # 2 s: past the TTL of "dead", never of "kept"
         await asyncio.sleep(0.5)
         await broker.refresh_connection_slots({"u3": ["kept"]}, ttl=1)
-    assert await broker.claim_connection_slot("u3", "new", limit=2, ttl=60)
-    assert not await broker.claim_connection_slot("u3", "dead", limit=2, ttl=60)
+    assert await claim_slot(broker, "u3", "new", limit=2, ttl=60)
+    assert not await claim_slot(broker, "u3", "dead", limit=2, ttl=60)
 
 
 async def test_user_not_before_round_trip_and_expiry(broker: Broker) -> None:
@@ -642,11 +653,11 @@ async def test_connection_slots_are_shared_between_workers(
 ) -> None:
     first, _ = await make_redis_broker()
     second, _ = await make_redis_broker()
-    assert await first.claim_connection_slot("u7", "w1-1", limit=2, ttl=60)
-    assert await second.claim_connection_slot("u7", "w2-1", limit=2, ttl=60)
-    assert not await first.claim_connection_slot("u7", "w1-2", limit=2, ttl=60)
+    assert await claim_slot(first, "u7", "w1-1", limit=2, ttl=60)
+    assert await claim_slot(second, "u7", "w2-1", limit=2, ttl=60)
+    assert not await claim_slot(first, "u7", "w1-2", limit=2, ttl=60)
     await second.release_connection_slots({"u7": ["w2-1"]})
-    assert await first.claim_connection_slot("u7", "w1-2", limit=2, ttl=60)
+    assert await claim_slot(first, "u7", "w1-2", limit=2, ttl=60)
 
 
 @redis_only

@@ -359,13 +359,18 @@ async def test_connection_limit_per_user(settings_factory: Callable[..., Setting
         await hub.open_connection(user("1"), "websocket")
 
 
+async def claim_slot(hub_broker: Any, user_id: str, slot: str, limit: int, ttl: int) -> bool:
+    [held] = await hub_broker.claim_connection_slots([(user_id, slot)], limit, ttl)
+    return bool(held)
+
+
 async def test_connection_limit_counts_the_other_workers_connections(
     settings_factory: Callable[..., Settings],
 ) -> None:
     # Slots held in the broker by "another worker" count against this worker's users.
     async with running_hub(settings_factory(max_connections_per_user=3)) as hub:
         for n in range(2):
-            assert await hub.broker.claim_connection_slot("1", f"elsewhere-{n}", 3, 30)
+            assert await claim_slot(hub.broker, "1", f"elsewhere-{n}", 3, 30)
         mine = await hub.open_connection(user("1"), "websocket")
         with pytest.raises(errors.Refused) as info:
             await hub.open_connection(user("1"), "sse")
@@ -386,7 +391,7 @@ async def test_a_closed_connection_frees_its_slot_for_an_immediate_reconnect(
         second = await hub.open_connection(user("2"), "websocket")
         hub.release_connection(second)
         await wait_until(lambda: not hub.slots._releases)
-        assert await hub.broker.claim_connection_slot("2", "elsewhere", 1, 30)
+        assert await claim_slot(hub.broker, "2", "elsewhere", 1, 30)
 
 
 async def test_held_slots_are_refreshed_and_those_of_a_dead_worker_expire(
@@ -395,13 +400,36 @@ async def test_held_slots_are_refreshed_and_those_of_a_dead_worker_expire(
     settings = settings_factory(max_connections_per_user=2, connection_slot_ttl=2)
     async with running_hub(settings) as hub:
         await hub.open_connection(user("1"), "websocket")
-        assert await hub.broker.claim_connection_slot("1", "dead-worker", 2, 2)
+        assert await claim_slot(hub.broker, "1", "dead-worker", 2, 2)
         with pytest.raises(errors.Refused):
             await hub.open_connection(user("1"), "websocket")
         await asyncio.sleep(3)  # past the TTL: refreshed for the live one only
         await hub.open_connection(user("1"), "websocket")
         with pytest.raises(errors.Refused):
             await hub.open_connection(user("1"), "websocket")
+
+
+async def test_claims_made_together_take_one_round_trip(
+    settings_factory: Callable[..., Settings],
+) -> None:
+    async with running_hub(settings_factory(max_connections_per_user=2)) as hub:
+        calls: list[int] = []
+        real = hub.broker.claim_connection_slots
+
+        async def counting(claims: Any, limit: int, ttl: int) -> list[bool]:
+            calls.append(len(claims))
+            return await real(claims, limit, ttl)
+
+        hub.broker.claim_connection_slots = counting  # type: ignore[method-assign]
+        opened = await asyncio.gather(
+            *(hub.open_connection(user(str(n % 3)), "websocket") for n in range(6)),
+            return_exceptions=True,
+        )
+        assert calls == [6]
+        assert all(isinstance(conn, Connection) for conn in opened)  # 2 per user: all fit
+        with pytest.raises(errors.Refused):
+            await hub.open_connection(user("0"), "sse")
+        assert calls == [6]  # this worker alone holds the limit: refused with no round trip
 
 
 async def test_a_broker_that_cannot_be_asked_refuses_with_unavailable(
@@ -411,10 +439,10 @@ async def test_a_broker_that_cannot_be_asked_refuses_with_unavailable(
 
     async with running_hub(settings_factory()) as hub:
 
-        async def down(*args: Any, **kwargs: Any) -> bool:
+        async def down(*args: Any, **kwargs: Any) -> list[bool]:
             raise BrokerUnavailable("down (test)")
 
-        hub.broker.claim_connection_slot = down  # type: ignore[method-assign]
+        hub.broker.claim_connection_slots = down  # type: ignore[method-assign]
         with pytest.raises(errors.Refused) as info:
             await hub.open_connection(user("1"), "websocket")
         assert info.value.disconnect is errors.BROKER_UNAVAILABLE
