@@ -124,6 +124,7 @@ def build_hub(settings: Settings, *, policy: ChannelPolicy | None = None) -> Hub
             history_size=settings.history_size,
             history_ttl=settings.history_ttl,
             history_overrides=settings.history_overrides(),
+            **settings.redis_tuning(),
         )
     )
     tokens = TokenService(

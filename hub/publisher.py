@@ -74,11 +74,16 @@ class HeraldPublisher:
         history_size: int = 1000,
         history_ttl: int = 24 * 3600,
         max_message_bytes: int = 64 * 1024,
+        redis_tuning: dict[str, Any] | None = None,
     ) -> None:
         self.max_message_bytes = max_message_bytes
         self._broker = RedisBroker(
             BrokerConfig(
-                url=redis_url, prefix=prefix, history_size=history_size, history_ttl=history_ttl
+                url=redis_url,
+                prefix=prefix,
+                history_size=history_size,
+                history_ttl=history_ttl,
+                **(redis_tuning or {}),
             )
         )
 
@@ -96,6 +101,7 @@ class HeraldPublisher:
             history_size=settings.history_size,
             history_ttl=settings.history_ttl,
             max_message_bytes=settings.max_message_bytes,
+            redis_tuning=settings.redis_tuning(),
         )
 
     async def __aenter__(self) -> HeraldPublisher:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import secrets
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -66,6 +66,14 @@ class Settings(BaseSettings):
     data_dir: Path = Path(".herald")
     redis_url: str | None = None
     redis_prefix: str = Field(default="herald", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    # How long to wait for Redis: a TCP connect, one command; how often the pub/sub
+    # connection is pinged and how long a ping may take before it counts as dead; how
+    # many command connections each worker may open.
+    redis_connect_timeout: float = Field(default=2.0, gt=0, le=60)
+    redis_command_timeout: float = Field(default=5.0, gt=0, le=300)
+    redis_health_check_interval: float = Field(default=5.0, gt=0, le=300)
+    redis_health_check_timeout: float = Field(default=3.0, gt=0, le=60)
+    redis_max_connections: int = Field(default=64, ge=2, le=10_000)
     database_url: str | None = None
     service_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
     allowed_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
@@ -222,6 +230,16 @@ class Settings(BaseSettings):
     @property
     def broker_url(self) -> str:
         return self.redis_url or "memory://"
+
+    def redis_tuning(self) -> dict[str, Any]:
+        """The ``HERALD_REDIS_*`` timeouts and pool size, as :class:`BrokerConfig` fields."""
+        return {
+            "connect_timeout": self.redis_connect_timeout,
+            "command_timeout": self.redis_command_timeout,
+            "health_check_interval": self.redis_health_check_interval,
+            "health_check_timeout": self.redis_health_check_timeout,
+            "max_connections": self.redis_max_connections,
+        }
 
     @property
     def effective_database_url(self) -> str:

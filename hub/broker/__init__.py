@@ -36,6 +36,12 @@ class BrokerConfig:
     # Per-namespace overrides: namespace (the part of a channel before ':') ->
     # (history_size, history_ttl).
     history_overrides: dict[str, tuple[int, int]] = field(default_factory=dict)
+    # Redis only (HERALD_REDIS_*): seconds, and the command pool's size.
+    connect_timeout: float = 2.0
+    command_timeout: float = 5.0
+    health_check_interval: float = 5.0
+    health_check_timeout: float = 3.0
+    max_connections: int = 64
 
     def history_limits(self, channel: str) -> tuple[int, int]:
         """``(history_size, history_ttl)`` for ``channel``, its namespace's if it has one."""

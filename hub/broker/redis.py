@@ -334,14 +334,22 @@ class RedisBroker:
         self,
         config: BrokerConfig,
         *,
-        connect_timeout: float = 2.0,
-        command_timeout: float = 5.0,
-        health_check_interval: float = 5.0,
-        health_check_timeout: float = 3.0,
+        connect_timeout: float | None = None,
+        command_timeout: float | None = None,
+        health_check_interval: float | None = None,
+        health_check_timeout: float | None = None,
         reconnect_backoff: tuple[float, float] = (0.1, 2.0),
-        max_connections: int = 64,
+        max_connections: int | None = None,
         meta_ttl: int = 30 * 24 * 3600,
     ) -> None:
+        # Keyword arguments (tests) override the configuration (HERALD_REDIS_*).
+        connect_timeout = config.connect_timeout if connect_timeout is None else connect_timeout
+        command_timeout = config.command_timeout if command_timeout is None else command_timeout
+        if health_check_interval is None:
+            health_check_interval = config.health_check_interval
+        if health_check_timeout is None:
+            health_check_timeout = config.health_check_timeout
+        max_connections = config.max_connections if max_connections is None else max_connections
         for size, ttl in [
             (config.history_size, config.history_ttl),
             *config.history_overrides.values(),

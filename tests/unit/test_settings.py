@@ -193,3 +193,40 @@ def test_dev_secret_leaves_no_temporary_files(tmp_path: Path) -> None:
 def test_outbox_smaller_than_one_message_is_refused() -> None:
     with pytest.raises(SettingsError, match="HERALD_OUTBOX_MAX_BYTES"):
         load_settings(_env_file=None, outbox_max_bytes=8192, max_message_bytes=65536)
+
+
+def test_a_bad_redis_timeout_is_refused_naming_the_variable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("HERALD_REDIS_COMMAND_TIMEOUT", "0")
+    with pytest.raises(SettingsError) as info:
+        load_settings()
+    assert "HERALD_REDIS_COMMAND_TIMEOUT" in str(info.value)
+
+
+async def test_redis_timeouts_reach_the_broker(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Redis that accepts connections but never answers: a command gives up after
+    HERALD_REDIS_COMMAND_TIMEOUT, not the default 5 s."""
+    import asyncio
+    import socket
+    import time
+
+    from hub.app import build_hub
+    from hub.broker import BrokerUnavailable
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    port = silent.getsockname()[1]
+    monkeypatch.setenv("HERALD_REDIS_URL", f"redis://127.0.0.1:{port}/0")
+    monkeypatch.setenv("HERALD_REDIS_COMMAND_TIMEOUT", "0.3")
+    monkeypatch.setenv("HERALD_REDIS_MAX_CONNECTIONS", "3")
+    try:
+        broker = build_hub(load_settings()).broker
+        started = time.monotonic()
+        with pytest.raises(BrokerUnavailable):
+            await asyncio.wait_for(broker.get_user_not_before("u"), 4)
+        assert time.monotonic() - started < 2.0
+        await broker.aclose()
+    finally:
+        silent.close()
