@@ -313,6 +313,11 @@ _KIND_PONG = b"pong"
 _COMMAND_OF = {_KIND_SUBSCRIBE: b"SUBSCRIBE", _KIND_UNSUBSCRIBE: b"UNSUBSCRIBE"}
 
 
+# Readiness checks whose canary Redis accepted but the pub/sub connection never delivered,
+# in a row, before that connection is dropped and made again (see check_delivery).
+CANARIES_LOST_BEFORE_RECONNECT = 3
+
+
 class _ProtocolDesync(Exception):
     """The pub/sub connection answered something we did not ask for."""
 
@@ -436,6 +441,7 @@ class RedisBroker:
         self._supervisor: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._canaries: dict[bytes, asyncio.Future[None]] = {}
+        self._canaries_lost = 0  # in a row, on the current pub/sub connection
         self._last_failure_log: dict[str, float] = {}
 
     # -- keys and limits --------------------------------------------------------------------
@@ -671,6 +677,7 @@ class RedisBroker:
             self._transport = None
 
     def _reset_connection_state(self) -> None:
+        self._canaries_lost = 0
         for fut in self._subs.values():
             fut.cancel()
         for _, _, pending in self._acks:
@@ -975,21 +982,39 @@ class RedisBroker:
             await self._redis.publish(self._control_key, payload)
 
     async def check_delivery(self, timeout: float) -> bool:
-        if not self.connected:
+        """Also a self-heal: a pub/sub connection that answers PINGs but has not
+        delivered ``CANARIES_LOST_BEFORE_RECONNECT`` canaries in a row (which Redis took)
+        is dropped, so the supervisor reconnects, resubscribes and resyncs from history."""
+        conn = self._conn
+        if not self.connected or conn is None:
             return False
         token = secrets.token_hex(8).encode()
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._canaries[token] = waiter
+        published = False
         try:
             async with asyncio.timeout(timeout):
                 await self._redis.publish(self._canary_key, token)
+                published = True
                 await asyncio.wait([waiter])
-            return waiter.done() and not waiter.cancelled()
+            delivered = waiter.done() and not waiter.cancelled()
         except _ERRORS as exc:
             logger.debug("delivery check failed: %s", self._describe(exc))
-            return False
+            delivered = False
         finally:
             self._canaries.pop(token, None)
+        if delivered:
+            self._canaries_lost = 0
+        elif published and conn is self._conn:
+            self._canaries_lost += 1
+            if self._canaries_lost >= CANARIES_LOST_BEFORE_RECONNECT:
+                logger.warning(
+                    "redis pub/sub delivered none of %d canaries in a row; reconnecting it",
+                    self._canaries_lost,
+                )
+                self._canaries_lost = 0
+                self._kill(conn)
+        return delivered
 
     async def set_user_not_before(self, user_id: str, timestamp: float, ttl: int) -> None:
         key = f"{self._prefix}:nbf:{user_id}"

@@ -209,6 +209,29 @@ async def test_health_check_detects_a_connection_that_stopped_answering(
     await delivered(handler, pub)
 
 
+async def test_a_connection_that_stopped_delivering_is_replaced_by_the_readiness_canary(
+    redis_server: Any, make: Any
+) -> None:
+    from hub.broker.redis import CANARIES_LOST_BEFORE_RECONNECT
+
+    broker, handler = await make(redis_server.url)
+    await broker.subscribe(["live"])
+    assert await broker.check_delivery(1.0) is True
+    # The pub/sub connection keeps answering PINGs but loses a subscription (as behind a
+    # proxy that dropped it): Redis takes every canary, none comes back.
+    broker._ops.append((b"unsubscribe", broker._canary_key, None))
+    broker._kick_flush()
+    await asyncio.sleep(0.2)
+    for _ in range(CANARIES_LOST_BEFORE_RECONNECT - 1):
+        assert await broker.check_delivery(0.3) is False
+        assert handler.states == []  # a slow canary or two is not enough
+    assert await broker.check_delivery(0.3) is False
+    await handler.wait_for(lambda: handler.states == [False, True], RECOVERY_TIMEOUT, "reconnect")
+    assert await broker.check_delivery(1.0) is True  # every subscription restored
+    pub = await broker.publish("live", "e", b"1")
+    await delivered(handler, pub)
+
+
 # -- robustness ---------------------------------------------------------------------------
 
 
