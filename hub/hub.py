@@ -206,6 +206,14 @@ class Hub:
                 logger.info("recovered %d missed messages on %s", count, channel)
             return
         self.registry.end_sync(channel, [])
+        top = history.position
+        if top.epoch == since.epoch and top.offset < since.offset:
+            # Redis lost writes this worker saw: new epoch, so no position in the lost
+            # range is ever mistaken for the offsets that will be reused.
+            try:
+                await self.broker.reset_epoch_if_behind(channel, since)
+            except Exception:
+                logger.exception("could not give %s a new epoch after lost writes", channel)
         for conn in self.registry.subscribers(channel):
             self.close_connection(conn, errors.INSUFFICIENT_STATE)
 

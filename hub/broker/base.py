@@ -122,6 +122,13 @@ class Broker(Protocol):
     async def position(self, channel: str) -> StreamPosition:
         """The channel's current top: last offset (0 if none) and epoch."""
 
+    async def reset_epoch_if_behind(self, channel: str, seen: StreamPosition) -> bool:
+        """If the channel's top is *behind* ``seen`` in the same epoch, Redis lost writes
+        this process saw (a crash under ``appendfsync everysec``, a failover to a lagging
+        replica): give the channel a new epoch, so every position of the old one answers
+        ``recovered: false`` instead of being confused with the offsets reused next.
+        True if it did. Only for positions the hub itself saw, never a client's claim."""
+
     async def send_control(self, command: dict[str, Any]) -> None:
         """Deliver a JSON-able command to every process's handler, this one included."""
 

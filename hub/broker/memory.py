@@ -118,6 +118,13 @@ class MemoryBroker:
         stream = self._stream(channel)
         return StreamPosition(stream.offset, stream.epoch)
 
+    async def reset_epoch_if_behind(self, channel: str, seen: StreamPosition) -> bool:
+        stream = self._stream(channel)
+        if stream.epoch != seen.epoch or stream.offset >= seen.offset:
+            return False
+        stream.epoch = secrets.token_hex(4)
+        return True
+
     async def send_control(self, command: dict[str, Any]) -> None:
         # Round-trip through JSON so both backends hand the same shapes to the handler.
         decoded = orjson.loads(orjson.dumps(command))

@@ -137,6 +137,15 @@ return {epoch, top}
 """
 )
 
+# KEYS[1] meta; ARGV[1] the epoch seen, ARGV[2] the offset seen, ARGV[3] a new epoch.
+# Lost writes: the top went back in the same epoch. Returns 1 if the epoch was replaced.
+_RESET_EPOCH_LUA = """
+local meta = redis.call('HMGET', KEYS[1], 'e', 'o')
+if meta[1] ~= ARGV[1] or tonumber(meta[2] or '0') >= tonumber(ARGV[2]) then return 0 end
+redis.call('HSET', KEYS[1], 'e', ARGV[3])
+return 1
+"""
+
 # KEYS[1] meta, KEYS[2] stream; ARGV: 1 epoch candidate, 2 meta TTL ms, 3 history size,
 # 4 history TTL ms, 5 since offset ('' = none), 6 since epoch, 7 limit (-1 = none).
 # Returns {epoch, top, recovered, id1, ts1, event1, data1, id2, ...}.
@@ -410,6 +419,7 @@ class RedisBroker:
         self._rate_limit_script = self._redis.register_script(_RATE_LIMIT_LUA)
         self._not_before_script = self._redis.register_script(_NOT_BEFORE_LUA)
         self._claim_slot_script = self._redis.register_script(_CLAIM_SLOT_LUA)
+        self._reset_epoch_script = self._redis.register_script(_RESET_EPOCH_LUA)
         self._presence_update_script = self._redis.register_script(_PRESENCE_UPDATE_LUA)
         self._presence_get_script = self._redis.register_script(_PRESENCE_GET_LUA)
 
@@ -973,6 +983,20 @@ class RedisBroker:
                 keys=[meta, stream], args=[self._epoch_candidate(), self._limits(channel)[2]]
             )
         return StreamPosition(int(result[1]), result[0].decode())
+
+    async def reset_epoch_if_behind(self, channel: str, seen: StreamPosition) -> bool:
+        meta = self._channel_keys(channel)[0]
+        with self._guard("reset_epoch_if_behind"):
+            replaced = await self._reset_epoch_script(
+                keys=[meta], args=[seen.epoch, seen.offset, self._epoch_candidate()]
+            )
+        if replaced:
+            logger.warning(
+                "channel %s: redis lost writes (top behind offset %d); new epoch",
+                channel,
+                seen.offset,
+            )
+        return bool(int(replaced))
 
     # -- control, canary, revocation, rate limits -------------------------------------------
 

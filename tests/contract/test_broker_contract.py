@@ -509,6 +509,26 @@ async def claim_slot(broker: Broker, user_id: str, slot: str, limit: int, ttl: i
     return held
 
 
+async def test_reset_epoch_only_when_the_top_is_behind_what_was_seen(broker: Broker) -> None:
+    pubs = await publish_many(broker, "lossy", 3)
+    epoch = pubs[0].epoch
+    assert not await broker.reset_epoch_if_behind("lossy", StreamPosition(3, epoch))
+    assert not await broker.reset_epoch_if_behind("lossy", StreamPosition(2, epoch))
+    assert not await broker.reset_epoch_if_behind("lossy", StreamPosition(9, "other"))
+    assert (await broker.position("lossy")).epoch == epoch
+
+    # The hub saw offset 5: the broker's top (3) went back, writes were lost.
+    assert await broker.reset_epoch_if_behind("lossy", StreamPosition(5, epoch))
+    top = await broker.position("lossy")
+    assert top.epoch != epoch and top.offset == 3
+    for seen in (1, 3, 4):  # no position of the old epoch passes for the new one
+        assert (await broker.history("lossy", since=StreamPosition(seen, epoch))).recovered is False
+    after = await broker.publish("lossy", "e", b"4")
+    assert after.position == StreamPosition(4, top.epoch)
+    assert (await broker.history("lossy", since=top)).publications == [after]
+    assert not await broker.reset_epoch_if_behind("lossy", StreamPosition(5, epoch))
+
+
 async def test_connection_slots_claimed_together_are_claimed_in_order(broker: Broker) -> None:
     claims = [("u5", "a"), ("u6", "a"), ("u5", "b"), ("u5", "c"), ("u5", "a")]
     assert await broker.claim_connection_slots(claims, 2, 60) == [True, True, True, False, True]

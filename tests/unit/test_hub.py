@@ -588,3 +588,31 @@ async def test_broker_reconnect_past_history_makes_subscribers_resubscribe(
         hub.on_broker_state(True)
         await asyncio.wait_for(a.wait_closed(), 2)
         assert a.closed is errors.INSUFFICIENT_STATE and a.closed.reconnect
+
+
+async def test_lost_writes_seen_at_a_resync_give_the_channel_a_new_epoch(hub: Hub) -> None:
+    broker = spy(hub)
+    a = await hub.open_connection(user("1"), "websocket")
+    await hub.subscribe(a, "public:lossy")
+    await publish(hub, "public:lossy", 1, 2, 3, 4, 5)
+    old = await broker.position("public:lossy")
+    assert old.offset == 5
+    hub.on_broker_state(False)
+    # Redis comes back without its last two writes, same epoch (an AOF tail, a lagging
+    # replica): the top is 3, behind the 5 this worker delivered.
+    stream = broker._streams["public:lossy"]
+    stream.offset = 3
+    while stream.entries and stream.entries[-1][1].offset > 3:
+        stream.entries.pop()
+    hub.on_broker_state(True)
+    await asyncio.wait_for(a.wait_closed(), 2)
+    assert a.closed is errors.INSUFFICIENT_STATE  # told to resubscribe, not left deaf
+    top = await broker.position("public:lossy")
+    assert top.epoch != old.epoch  # so offset 4 and 5 can never be mistaken...
+    await publish(hub, "public:lossy", 6)
+    for seen in (4, 5):  # ...for the new messages that reuse them
+        history = await broker.history("public:lossy", since=StreamPosition(seen, old.epoch))
+        assert history.recovered is False
+    b = await hub.open_connection(user("2"), "websocket")
+    result = await hub.subscribe(b, "public:lossy", since=StreamPosition(4, old.epoch))
+    assert result.recovered is False
