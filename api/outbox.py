@@ -174,8 +174,12 @@ class OutboxRelay:
                 pass
             self._wake.clear()
             covered = self._requested
+            more = False
             try:
                 more = await self.relay_once()
+            except Exception:  # a bug must not end delivery for good: log, back off, go on
+                logger.exception("event outbox relay pass failed")
+                self._failures += 1
             finally:
                 self._release_waiters(covered)
             if more:

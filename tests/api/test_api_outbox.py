@@ -379,3 +379,39 @@ async def test_deliver_now_waits_for_a_pass_that_saw_the_commit(db: Database) ->
         runner.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await runner
+
+
+async def test_the_relay_survives_a_pass_that_fails_unexpectedly(
+    db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    sink = CountingSink()
+    relay = OutboxRelay(db, sink, owner="me", poll_interval=0.05, flush_timeout=1.0)
+    real_pass = relay.relay_once
+    calls = 0
+
+    async def flaky_pass() -> bool:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("a bug in a pass (test)")
+        return await real_pass()
+
+    relay.relay_once = flaky_pass  # type: ignore[method-assign]
+    runner = asyncio.create_task(relay.run())
+    try:
+        outbox = Outbox(relay)
+        await stage(db, outbox, range(1))
+        with caplog.at_level(logging.ERROR, logger="herald.api.outbox"):
+            started = time.monotonic()
+            await outbox.flush()  # the failed pass still answers the waiting request
+            assert time.monotonic() - started < 0.9
+        for _ in range(100):
+            if sink.seen:
+                break
+            await asyncio.sleep(0.05)
+        assert sink.seen == [0]  # the next pass delivered it
+        assert any("relay pass failed" in r.getMessage() for r in caplog.records)
+    finally:
+        runner.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await runner
