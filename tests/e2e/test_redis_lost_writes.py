@@ -11,6 +11,8 @@ mistaken for the lost ones: any position past the lost tail answers ``recovered:
 
 from __future__ import annotations
 
+import asyncio
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -19,7 +21,15 @@ import pytest
 from redis.asyncio import Redis
 
 from .conftest import running_herald
-from .helpers import HeraldProcess, RedisServer, WSClient, publish_fresh, token, ws_connect
+from .helpers import (
+    HeraldProcess,
+    RedisServer,
+    WSClient,
+    publish_fresh,
+    token,
+    ws_connect,
+    ws_open,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(90)]
 
@@ -36,9 +46,37 @@ def herald(own_redis: RedisServer) -> Iterator[HeraldProcess]:
 
 
 async def _publish(herald: HeraldProcess, channel: str, n: int) -> str:
-    response = await publish_fresh(herald.base_url, channel, "tick", {"n": n})
+    """Publish; a 503 (a worker still reconnecting to Redis) was not applied: retry it."""
+    deadline = time.monotonic() + 15
+    while True:
+        response = await publish_fresh(herald.base_url, channel, "tick", {"n": n})
+        if response.status_code != 503:
+            break
+        assert time.monotonic() < deadline, "publishing never recovered from the restart"
+        await asyncio.sleep(0.2)
     assert response.status_code == 200, response.text
     return str(response.json()["offset"])
+
+
+async def _subscribed(
+    herald: HeraldProcess, credential: str, channel: str, since: str
+) -> tuple[WSClient, dict[str, Any]]:
+    """Connect and subscribe with ``since``. Right after the restart the worker taking
+    the connection may still be reconnecting to Redis: a client retries what the hub
+    calls temporary, and so does this (bounded)."""
+    deadline = time.monotonic() + 15
+    while True:
+        client = await ws_open(herald.ws_url, credential)
+        first = await client.recv()
+        if first["op"] == "connected":
+            reply = await client.request({"op": "subscribe", "channel": channel, "since": since})
+            if reply["op"] == "ack":
+                return client, reply
+            first = reply
+        await client.aclose()
+        assert first.get("code") == "unavailable", first
+        assert time.monotonic() < deadline, "the hub never recovered from the restart"
+        await asyncio.sleep(0.2)
 
 
 async def _next_message(client: WSClient) -> dict[str, Any]:
@@ -74,20 +112,17 @@ async def test_a_lost_tail_gives_the_channel_a_new_epoch(
     byes = [obj for obj in seen if obj.get("op") == "bye"]
     assert [bye["code"] for bye in byes] == ["insufficient_state"] and code == 4008
 
-    fresh = await ws_connect(herald.ws_url, credential)
+    fresh, ack = await _subscribed(herald, credential, channel, offsets[-1])
     try:
-        ack = await fresh.subscribe(channel, since=offsets[-1])
         assert ack["recovered"] is False
         reused = await _publish(herald, channel, 5)
         number, epoch = reused.split(":")
         assert number == "4" and epoch != old_epoch  # offset 4 again, but a new epoch
         assert (await _next_message(fresh))["offset"] == reused
         for lost in offsets[3:]:  # a client that saw 4 or 5 is not fooled by the new 4
-            late = await ws_connect(herald.ws_url, credential)
-            try:
-                assert (await late.subscribe(channel, since=lost))["recovered"] is False
-            finally:
-                await late.aclose()
+            late, ack = await _subscribed(herald, credential, channel, lost)
+            await late.aclose()
+            assert ack["recovered"] is False
     finally:
         await fresh.aclose()
         await client.aclose()
