@@ -15,6 +15,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from fastapi import FastAPI
+from prometheus_client import Gauge
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -75,10 +76,12 @@ class UsersApi:
             except SchemaOutdated as exc:
                 logger.error("herald: %s", exc)
                 raise
+            pending, oldest = _outbox_gauges(hub)
             relay = OutboxRelay(
                 db,
                 self._sink_factory(hub),
                 owner=hub.node_id,
+                observe=_observer(pending, oldest),
                 poll_interval=api_settings.event_outbox_poll_interval,
                 takeover_after=api_settings.event_outbox_takeover_after,
                 flush_timeout=api_settings.event_outbox_flush_timeout,
@@ -116,6 +119,32 @@ class UsersApi:
                         await relay.relay_once()
         finally:
             await db.aclose()
+
+
+def _outbox_gauges(hub: Hub) -> tuple[Gauge, Gauge]:
+    """The outbox as every worker sees it (one table): the highest live value is it."""
+    registry = hub.metrics.registry
+    pending = Gauge(
+        "herald_event_outbox_pending",
+        "Users-API events and revocations written but not yet delivered to the hub",
+        registry=registry,
+        multiprocess_mode="livemax",
+    )
+    oldest = Gauge(
+        "herald_event_outbox_oldest_seconds",
+        "Age of the oldest undelivered outbox entry (0 if none)",
+        registry=registry,
+        multiprocess_mode="livemax",
+    )
+    return pending, oldest
+
+
+def _observer(pending: Gauge, oldest: Gauge) -> Callable[[int, float], None]:
+    def observe(count: int, age: float) -> None:
+        pending.set(count)
+        oldest.set(age)
+
+    return observe
 
 
 def _key_verifier(db: Database) -> Callable[[str], Awaitable[Principal | None]]:

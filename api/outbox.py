@@ -26,11 +26,11 @@ import asyncio
 import enum
 import logging
 import time
-from collections.abc import Sequence
-from datetime import timedelta
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
-from sqlalchemy import CursorResult, delete, or_, select, update
+from sqlalchemy import CursorResult, delete, func, or_, select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -49,6 +49,11 @@ KIND_REVOKE = "revoke"
 # An entry failing with anything but a temporary hub error is dropped after this many.
 MAX_UNEXPECTED_FAILURES = 5
 MAX_BACKOFF = 5.0
+STATS_INTERVAL = 1.0  # seconds between two counts of the whole outbox
+
+# Told after a pass (at most every STATS_INTERVAL): entries waiting in the whole outbox
+# (every worker's) and the age in seconds of the oldest.
+OutboxObserver = Callable[[int, float], None]
 
 
 class EventSink(Protocol):
@@ -125,6 +130,7 @@ class OutboxRelay:
         takeover_after: float = 30.0,
         flush_timeout: float = 5.0,
         batch_size: int = 100,
+        observe: OutboxObserver | None = None,
     ) -> None:
         self.owner = owner
         self._db = db
@@ -139,6 +145,8 @@ class OutboxRelay:
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._failures = 0  # consecutive failed passes, for the backoff
         self._unexpected: dict[int, int] = {}  # entry id -> unexpected failures
+        self._observe = observe
+        self._observed_at = -STATS_INTERVAL
 
     # -- the request side -------------------------------------------------------------
 
@@ -198,6 +206,30 @@ class OutboxRelay:
     async def relay_once(self) -> bool:
         """One pass: claim orphans, deliver this worker's oldest entries, delete what
         was delivered. True if a full batch went out (there may be more)."""
+        try:
+            return await self._pass()
+        finally:
+            await self._report()
+
+    async def _report(self) -> None:
+        """Count the whole outbox for the metrics, at most every ``STATS_INTERVAL``."""
+        now = time.monotonic()
+        if self._observe is None or now - self._observed_at < STATS_INTERVAL:
+            return
+        self._observed_at = now
+        try:
+            async with self._db.session() as session:
+                count, oldest = (
+                    await session.execute(
+                        select(func.count(OutboxEntry.id), func.min(OutboxEntry.created_at))
+                    )
+                ).one()
+        except SQLAlchemyError:
+            return  # the pass logged the database's trouble already
+        age = 0.0 if oldest is None else max(0.0, (utcnow() - _aware(oldest)).total_seconds())
+        self._observe(int(count), age)
+
+    async def _pass(self) -> bool:
         async with self._lock:
             try:
                 entries = await self._claim_and_load()
@@ -337,6 +369,11 @@ class OutboxRelay:
                     .execution_options(synchronize_session=False)
                 )
             await session.commit()
+
+
+def _aware(moment: datetime) -> datetime:
+    """``min()`` over a UTC column comes back naive on SQLite (no type processing)."""
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
 class _Outcome(enum.Enum):

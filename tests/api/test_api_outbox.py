@@ -415,3 +415,30 @@ async def test_the_relay_survives_a_pass_that_fails_unexpectedly(
         runner.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await runner
+
+
+async def test_waiting_entries_show_in_the_metrics(
+    client: Any, context: ApiContext, sink: SwitchableSink
+) -> None:
+    async def gauges() -> tuple[float, float]:
+        text = (await client.get("/metrics")).text
+        values = {}
+        for name in ("herald_event_outbox_pending", "herald_event_outbox_oldest_seconds"):
+            [line] = [ln for ln in text.splitlines() if ln.startswith(name + " ")]
+            values[name] = float(line.split()[1])
+        return values["herald_event_outbox_pending"], values["herald_event_outbox_oldest_seconds"]
+
+    async def until(predicate: Callable[[float, float], bool]) -> tuple[float, float]:
+        deadline = time.monotonic() + 8  # counted at most once a second, passes back off
+        while not predicate(*(values := await gauges())):
+            assert time.monotonic() < deadline, f"metrics stayed at {values}"
+            await asyncio.sleep(0.1)
+        return values
+
+    user, token = await user_with_token(client)
+    sink.down = True
+    await client.patch("/api/v1/users/me", json={"full_name": "Waiting"}, headers=bearer(token))
+    await until(lambda pending, oldest: pending == 2 and oldest >= 1.0)
+    sink.down = False
+    await wait_for_empty_outbox(context)
+    assert await until(lambda pending, oldest: pending == 0) == (0, 0)
