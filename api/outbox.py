@@ -26,8 +26,9 @@ import asyncio
 import enum
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any, Protocol
 
 from sqlalchemy import CursorResult, delete, func, or_, select, update
@@ -226,7 +227,7 @@ class OutboxRelay:
                 ).one()
         except SQLAlchemyError:
             return  # the pass logged the database's trouble already
-        age = 0.0 if oldest is None else max(0.0, (utcnow() - _aware(oldest)).total_seconds())
+        age = 0.0 if oldest is None else max(0.0, (utcnow() - oldest).total_seconds())
         self._observe(int(count), age)
 
     async def _pass(self) -> bool:
@@ -254,11 +255,10 @@ class OutboxRelay:
     async def _claim_and_load(self) -> list[OutboxEntry]:
         now = utcnow()
         cutoff = now - self._takeover_after
+        last_touched = func.coalesce(OutboxEntry.attempted_at, OutboxEntry.created_at)
         orphaned = or_(
             OutboxEntry.owner.is_(None),
-            (OutboxEntry.owner != self.owner)
-            & (OutboxEntry.attempted_at.is_(None) & (OutboxEntry.created_at < cutoff)),
-            (OutboxEntry.owner != self.owner) & (OutboxEntry.attempted_at < cutoff),
+            (OutboxEntry.owner != self.owner) & (last_touched < cutoff),
         )
         async with self._db.session() as session:
             candidates = (
@@ -293,19 +293,15 @@ class OutboxRelay:
         Returns the ids done with (delivered or dropped) and whether it stopped early
         (the rest waits for a retry)."""
         done: list[int] = []
-        for group in _groups(entries):
+        todo = deque(_groups(entries))
+        while todo:
+            group = todo.popleft()
             outcome, reason = await self._try(group)
             if outcome is _Outcome.RETRY:
                 return done, True
             if outcome is _Outcome.REFUSED:
-                if len(group) > 1:  # one of them is refused: find it, keep the others
-                    for entry in group:
-                        single, why = await self._try([entry])
-                        if single is _Outcome.RETRY:
-                            return done, True
-                        if single is _Outcome.REFUSED:
-                            self._drop(entry, why)
-                        done.append(entry.id)
+                if len(group) > 1:  # one of them is refused: go on one at a time, in order
+                    todo.extendleft([entry] for entry in reversed(group))
                     continue
                 self._drop(group[0], reason)
             done.extend(entry.id for entry in group)
@@ -371,11 +367,6 @@ class OutboxRelay:
             await session.commit()
 
 
-def _aware(moment: datetime) -> datetime:
-    """``min()`` over a UTC column comes back naive on SQLite (no type processing)."""
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
-
-
 class _Outcome(enum.Enum):
     DELIVERED = enum.auto()
     RETRY = enum.auto()
@@ -391,9 +382,3 @@ def _groups(entries: list[OutboxEntry]) -> list[list[OutboxEntry]]:
         else:
             groups.append([entry])
     return groups
-
-
-async def pending(db: Database) -> list[OutboxEntry]:
-    """Every entry not yet delivered, oldest first (for tests and operators)."""
-    async with db.session() as session:
-        return list(await session.scalars(select(OutboxEntry).order_by(OutboxEntry.id)))

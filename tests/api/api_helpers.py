@@ -9,9 +9,11 @@ from typing import Any
 
 import httpx
 import orjson
+from sqlalchemy import select
 
 from api.context import ApiContext
-from api.models import Role, User
+from api.db import Database
+from api.models import OutboxEntry, Role, User
 from api.schemas import UserCreate
 from api.services import users
 
@@ -99,3 +101,9 @@ async def published(context: ApiContext, channel: str) -> list[tuple[str, Any]]:
 
 async def published_events(context: ApiContext, channel: str) -> list[str]:
     return [event for event, _ in await published(context, channel)]
+
+
+async def pending(db: Database) -> list[OutboxEntry]:
+    """Every outbox entry not yet delivered, oldest first."""
+    async with db.session() as session:
+        return list(await session.scalars(select(OutboxEntry).order_by(OutboxEntry.id)))

@@ -20,7 +20,14 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from api_helpers import bearer, make_admin, published, published_events, user_with_token
+from api_helpers import (
+    bearer,
+    make_admin,
+    pending,
+    published,
+    published_events,
+    user_with_token,
+)
 from sqlalchemy import delete, update
 from sqlalchemy.exc import OperationalError
 
@@ -29,7 +36,7 @@ from api.db import Database, utcnow
 from api.events import Event
 from api.migrate import upgrade
 from api.models import OutboxEntry
-from api.outbox import MAX_UNEXPECTED_FAILURES, HubSink, Outbox, OutboxRelay, pending
+from api.outbox import MAX_UNEXPECTED_FAILURES, HubSink, Outbox, OutboxRelay
 from api.settings import ApiSettings
 from hub import errors as hub_errors
 from hub.errors import HubError

@@ -16,10 +16,9 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from api_helpers import make_admin, published, user_with_token
+from api_helpers import make_admin, pending, published, user_with_token
 
 from api.context import ApiContext
-from api.outbox import pending
 from api.schemas import UserAdminUpdate, UserUpdate
 from api.services import users
 from api.settings import ApiSettings
