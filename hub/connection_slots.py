@@ -95,12 +95,14 @@ class ConnectionSlots:
             if not waiter.done():
                 waiter.set_result(granted)
             elif granted:  # its connection gave up meanwhile: free the slot again
-                self._releases.setdefault(user_id, []).append(slot)
-                self._wake.set()
+                self._queue_release(user_id, slot)
 
     def release(self, user_id: str, conn: Connection) -> None:
         """Free ``conn``'s slot (soon, in a batch with the others)."""
-        self._releases.setdefault(user_id, []).append(self.slot(conn))
+        self._queue_release(user_id, self.slot(conn))
+
+    def _queue_release(self, user_id: str, slot: str) -> None:
+        self._releases.setdefault(user_id, []).append(slot)
         self._wake.set()
 
     async def run(self) -> None:

@@ -432,6 +432,20 @@ async def test_claims_made_together_take_one_round_trip(
         assert calls == [6]  # this worker alone holds the limit: refused with no round trip
 
 
+async def test_a_connection_that_gives_up_while_claiming_frees_its_slot(
+    settings_factory: Callable[..., Settings],
+) -> None:
+    async with running_hub(settings_factory(max_connections_per_user=1)) as hub:
+        opening = asyncio.ensure_future(hub.open_connection(user("1"), "websocket"))
+        await asyncio.sleep(0)  # the claim is queued...
+        opening.cancel()  # ...and its client goes away before the broker answers
+        with pytest.raises(asyncio.CancelledError):
+            await opening
+        await wait_until(lambda: not hub.slots._claims and not hub.slots._releases)
+        assert not hub.registry.connections
+        assert await claim_slot(hub.broker, "1", "elsewhere", 1, 30)  # nothing left held
+
+
 async def test_a_broker_that_cannot_be_asked_refuses_with_unavailable(
     settings_factory: Callable[..., Settings],
 ) -> None:
