@@ -93,6 +93,12 @@ _ERRORS = (RedisError, OSError, TimeoutError)
 
 # Shared by the read scripts: make sure the channel has an epoch; sets ``epoch``, ``top``.
 # KEYS[1] meta hash, KEYS[2] stream; ARGV[1] epoch candidate, ARGV[2] meta TTL (ms).
+# The Redis server's time in milliseconds, as ``now_ms`` (a prefix of the scripts below).
+_NOW_MS_LUA = """
+local now = redis.call('TIME')
+local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+"""
+
 _ENSURE_EPOCH_LUA = """
 local meta = redis.call('HMGET', KEYS[1], 'e', 'o')
 local epoch = meta[1]
@@ -108,7 +114,9 @@ end
 
 # KEYS[1] meta, KEYS[2] stream; ARGV: 1 epoch candidate, 2 meta TTL ms, 3 history size,
 # 4 history TTL ms, 5 pub/sub channel, 6 event, 7 data. Returns {offset, epoch, ts}.
-_PUBLISH_LUA = """
+_PUBLISH_LUA = (
+    _NOW_MS_LUA
+    + """
 local epoch = redis.call('HGET', KEYS[1], 'e')
 if not epoch then
   redis.call('DEL', KEYS[1], KEYS[2])
@@ -117,8 +125,7 @@ if not epoch then
 end
 local offset = redis.call('HINCRBY', KEYS[1], 'o', 1)
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
-local now = redis.call('TIME')
-local ts = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+local ts = now_ms
 if tonumber(ARGV[3]) > 0 then
   redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], offset .. '-1',
              't', ts, 'e', ARGV[6], 'd', ARGV[7])
@@ -128,6 +135,7 @@ redis.call('PUBLISH', ARGV[5],
            offset .. '\\n' .. epoch .. '\\n' .. ts .. '\\n' .. ARGV[6] .. '\\n' .. ARGV[7])
 return {offset, epoch, ts}
 """
+)
 
 # KEYS[1] meta, KEYS[2] stream; ARGV[1] epoch candidate, ARGV[2] meta TTL ms.
 _POSITION_LUA = (
@@ -150,14 +158,13 @@ return 1
 # 4 history TTL ms, 5 since offset ('' = none), 6 since epoch, 7 limit (-1 = none).
 # Returns {epoch, top, recovered, id1, ts1, event1, data1, id2, ...}.
 _HISTORY_LUA = (
-    _ENSURE_EPOCH_LUA
+    _NOW_MS_LUA
+    + _ENSURE_EPOCH_LUA
     + """
 local first = top - tonumber(ARGV[3]) + 1
 if first < 1 then first = 1 end
 local limit = tonumber(ARGV[7])
-local now = redis.call('TIME')
-local horizon = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
-                - tonumber(ARGV[4])
+local horizon = now_ms - tonumber(ARGV[4])
 local function ts_of(entry) return tonumber(entry[2][2]) end
 local function pack(entries, out)
   for i = 1, #entries do
@@ -246,9 +253,9 @@ return 1
 
 # A user's connection slots: a sorted set slot -> expiry (ms of server time). KEYS[1];
 # ARGV[1] slot, ARGV[2] limit, ARGV[3] TTL (ms). Returns 1 if the slot is now held.
-_CLAIM_SLOT_LUA = """
-local now = redis.call('TIME')
-local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+_CLAIM_SLOT_LUA = (
+    _NOW_MS_LUA
+    + """
 local ttl = tonumber(ARGV[3])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now_ms)
 if not redis.call('ZSCORE', KEYS[1], ARGV[1])
@@ -259,12 +266,14 @@ redis.call('ZADD', KEYS[1], now_ms + ttl, ARGV[1])
 if redis.call('PTTL', KEYS[1]) < ttl then redis.call('PEXPIRE', KEYS[1], ttl) end
 return 1
 """
+)
 
 # KEYS[1] a user's slots; ARGV[1] TTL (ms), then the slots to hold for another TTL.
-_REFRESH_SLOTS_LUA = """
-local now = redis.call('TIME')
+_REFRESH_SLOTS_LUA = (
+    _NOW_MS_LUA
+    + """
 local ttl = tonumber(ARGV[1])
-local expire_at = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) + ttl
+local expire_at = now_ms + ttl
 local scored = {}
 for i = 2, #ARGV do
   scored[#scored + 1] = expire_at
@@ -277,14 +286,16 @@ end
 if redis.call('PTTL', KEYS[1]) < ttl then redis.call('PEXPIRE', KEYS[1], ttl) end
 return 0
 """
+)
 
 # Presence of one channel: a hash client -> user and a sorted set client -> expiry (ms of
 # server time). KEYS[1] hash, KEYS[2] sorted set; ARGV[1] TTL (ms), then client, user pairs.
 # Both keys live as long as their longest-lived entry.
-_PRESENCE_UPDATE_LUA = """
-local now = redis.call('TIME')
+_PRESENCE_UPDATE_LUA = (
+    _NOW_MS_LUA
+    + """
 local ttl = tonumber(ARGV[1])
-local expire_at = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) + ttl
+local expire_at = now_ms + ttl
 local scored, fields = {}, {}
 for i = 2, #ARGV, 2 do
   scored[#scored + 1] = expire_at
@@ -302,11 +313,12 @@ for _, key in ipairs(KEYS) do
 end
 return 0
 """
+)
 
 # KEYS[1] hash, KEYS[2] sorted set. Drops expired entries, returns {client, user, ...}.
-_PRESENCE_GET_LUA = """
-local now = redis.call('TIME')
-local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+_PRESENCE_GET_LUA = (
+    _NOW_MS_LUA
+    + """
 while true do
   local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now_ms, 'LIMIT', 0, 1000)
   if #expired == 0 then break end
@@ -315,6 +327,7 @@ while true do
 end
 return redis.call('HGETALL', KEYS[1])
 """
+)
 
 _KIND_SUBSCRIBE = b"subscribe"
 _KIND_UNSUBSCRIBE = b"unsubscribe"
