@@ -99,7 +99,7 @@ async def test_created_is_published_on_both_channels_after_commit(client, contex
 
 async def test_updated_carries_the_changed_fields(client, context, recorder):
     user, token = await user_with_token(client, full_name="Ada")
-    await client.patch(
+    response = await client.patch(
         "/api/v1/users/me",
         json={"full_name": "Ada King", "phone": None},  # phone unchanged (already null)
         headers=bearer(token),
@@ -109,6 +109,9 @@ async def test_updated_carries_the_changed_fields(client, context, recorder):
     data = events[1][1]
     assert data["changes"] == {"full_name": {"old": "Ada", "new": "Ada King"}}
     assert data["user"]["full_name"] == "Ada King"
+    # The event is built after the change is written: it carries the new updated_at.
+    assert data["user"]["updated_at"] == response.json()["updated_at"]
+    assert data["user"]["updated_at"] != events[0][1]["user"]["updated_at"]
     assert all(committed for _, _, committed in recorder.seen)
 
 
