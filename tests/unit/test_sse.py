@@ -443,3 +443,26 @@ async def test_other_methods_on_sse_take_the_ordinary_stack(server: LiveServer) 
     assert "GET" in response.headers["allow"].split(", ")
     assert response.json()["error"]["code"] == "method_not_allowed"
     assert response.headers["x-request-id"]
+
+
+async def test_a_refused_stream_says_why_with_its_status(live: Callable[..., Any]) -> None:
+    from hub.broker import BrokerUnavailable
+
+    server: LiveServer = await live(max_connections_per_user=1)
+    # Over the per-user limit: 429 connection_limit (retry later).
+    async with sse(server, ["public:a"], token=issue(server, "limited")) as first:
+        assert first.response.status_code == 200
+        async with sse(server, ["public:a"], token=issue(server, "limited")) as second:
+            assert second.response.status_code == 429
+            body = orjson.loads(await second.response.aread())
+            assert body["error"]["code"] == "connection_limit"
+
+    # The broker cannot be asked for a slot: 503 unavailable (the server's trouble).
+    async def down(*args: Any, **kwargs: Any) -> list[bool]:
+        raise BrokerUnavailable("down (test)")
+
+    server.hub.broker.claim_connection_slots = down  # type: ignore[method-assign]
+    async with sse(server, ["public:a"], token=issue(server, "other")) as refused:
+        assert refused.response.status_code == 503
+        body = orjson.loads(await refused.response.aread())
+        assert body["error"]["code"] == "unavailable"
